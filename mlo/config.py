@@ -1,0 +1,315 @@
+"""Typed run configuration: dataclass sections, YAML files, ``key=value`` overrides, validation.
+
+A config has five sections (data, model, gan, train, run). Every leaf name is unique across
+sections, so an override may be written ``train.epochs=3`` or just ``epochs=3``. Values are parsed
+as YAML scalars, type-checked against the field annotations and range-checked against the field
+metadata; every error names the field and says how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlo.errors import ConfigError
+
+
+def _f(default, help: str, **checks):
+    """A config field: default, one-line help, and checks (min, max, choices)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("digits", "data source: digits, fmnist, cifar10, cifar100, imagenet_lt")
+    data_root: str | None = _f(None, "folder holding the data (default: ~/.cache/needsgen)")
+    download: bool = _f(False, "download the dataset if it is missing (needs a network)")
+    verify_checksums: bool = _f(True, "check the md5 sums of torchvision's dataset files")
+    imbalance_factor: float = _f(10.0, "n_max / n_min of the long-tailed training set", min=1.0)
+    n_max: int | None = _f(None, "images of the largest class (default: the smallest class pool)", min=1)
+    val_per_class: int = _f(10, "balanced validation images per class, taken before the long-tail cut", min=1)
+    test_per_class: int = _f(50, "digits only: balanced test images per class held out", min=1)
+    split_seed: int = _f(0, "seed of the long-tail shuffle and the validation split", min=0)
+    augment: str = _f("none", "training augmentation on the device", choices=("none", "crop", "crop_flip"))
+    val_batch_size: int = _f(100, "class-balanced validation batch for the meta level and p(s)", min=1)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = _f("small_cnn", "classifier encoder, by registered name")
+    width: int = _f(32, "base width of the encoder", min=1)
+    meta: str = _f("block", "shared meta-parameters A: block (trained on D_val) or none (ablation)",
+                   choices=("block", "none"))
+    tie_encoders: bool = _f(False, "W1, W2 and H share one encoder (parameter tying)")
+
+
+@dataclass
+class GANConfig:
+    generator: str = _f("biggan", "class-conditional GAN, by registered name")
+    gan_ch: int = _f(32, "GAN channel multiplier (BigGAN's ch)", min=1)
+    z_dim: int = _f(32, "latent size, split into one chunk per generator block (hierarchical z)", min=1)
+    shared_dim: int = _f(32, "size of the shared class embedding of the generator", min=1)
+    g_lr: float = _f(2e-4, "generator learning rate (Adam)", min=0.0)
+    d_lr: float = _f(2e-4, "discriminator learning rate (Adam)", min=0.0)
+    gan_betas: list[float] = _f([0.0, 0.999], "Adam betas of generator and discriminator")
+    ema_decay: float = _f(0.999, "decay of the generator's exponential moving average", min=0.0, max=1.0)
+    diffaugment: str = _f("translation,cutout", "DiffAugment policy for D's inputs ('none' for off)")
+    gan_pretrain_steps: int = _f(200, "discriminator/generator steps before the MLO starts", min=0)
+
+
+@dataclass
+class TrainConfig:
+    mode: str = _f("end2end", "what to train: end2end (the method) or vanilla")
+    epochs: int = _f(30, "passes over the long-tailed training set", min=1)
+    batch_size: int = _f(64, "real images per step", min=1)
+    optimizer: str = _f("adam", "classifier optimizer", choices=("adam", "sgd"))
+    lr: float = _f(1e-3, "classifier learning rate", min=0.0)
+    momentum: float = _f(0.9, "SGD momentum", min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, "classifier weight decay", min=0.0)
+    lr_milestones: list[int] = _f([], "epochs at which the learning rates are multiplied by lr_decay")
+    lr_decay: float = _f(0.1, "learning-rate factor at each milestone", min=0.0)
+    meta_lr: float = _f(1e-3, "learning rate of the meta-parameters A (Adam)", min=0.0)
+    meta_every: int = _f(8, "G and A are updated every this many iterations", min=1)
+    lambda_gen: float = _f(1.0, "weight of the generated-image loss in W2's objective (lambda)", min=0.0)
+    gamma: float = _f(1.0, "weight of W1's validation loss in A's objective (gamma)", min=0.0)
+    hypergradient: str = _f("darts", "hypergradient hops: darts (finite differences) or exact (double backward)",
+                            choices=("darts", "exact"))
+    darts_alpha: float = _f(0.001, "finite-difference step of the darts hops, in parameter norm", min=0.0)
+    temperature_start: float = _f(1.0, "Gumbel-softmax temperature at the start", min=1e-6)
+    temperature_end: float = _f(0.1, "Gumbel-softmax temperature at the end (exponential anneal)", min=1e-6)
+    allocator: str = _f("needs", "how the generation budget is split between classes")
+    loss: str = _f("ce", "classification loss")
+    gen_per_real: float = _f(1.0, "budget M per epoch, in generated images per real training image", min=0.0)
+    precision: str = _f("fp32", "fp32, bf16 or fp16 (fp16 needs CUDA)", choices=("fp32", "bf16", "fp16"))
+
+
+@dataclass
+class RunConfig:
+    name: str | None = _f(None, "run directory name under out_dir (default: <config>-<mode>-seed<seed>)")
+    out_dir: str = _f("runs", "where run directories are created")
+    seed: int = _f(0, "seed of initialisation and of every random draw in training", min=0)
+    device: str = _f("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
+    progress: bool = _f(True, "show progress bars")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "gan": GANConfig, "train": TrainConfig, "run": RunConfig,
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def set(self, key: str, raw_value: Any) -> None:
+        """Set ``section.key`` (or a bare leaf name) to ``raw_value``, with type checking."""
+        section, name = resolve_key(key)
+        value = _coerce(f"{section}.{name}", _field_type(section, name), raw_value)
+        _check_range(f"{section}.{name}", _field(section, name).metadata, value)
+        setattr(getattr(self, section), name, value)
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _field(section: str, name: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]
+
+
+def _field_type(section: str, name: str):
+    return typing.get_type_hints(SECTIONS[section])[name]
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    """``'train.epochs'`` or ``'epochs'`` → ``('train', 'epochs')``; unknown keys get a suggestion."""
+    keys = all_keys()
+    if "." in key:
+        if key in keys:
+            section, name = key.split(".", 1)
+            return section, name
+    else:
+        matches = [k for k in keys if k.split(".", 1)[1] == key]
+        if len(matches) == 1:
+            section, name = matches[0].split(".", 1)
+            return section, name
+    close = difflib.get_close_matches(key, keys + [k.split(".", 1)[1] for k in keys], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else " (see 'needsgen run --help' for the keys)"
+    raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(key: str, tp, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in this module, not in the input
+
+
+def _check_range(key: str, meta: dict, value: Any) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if "min" in meta and v < meta["min"]:
+            raise ConfigError(f"{key}: must be >= {meta['min']}, got {v}")
+        if "max" in meta and v > meta["max"]:
+            raise ConfigError(f"{key}: must be <= {meta['max']}, got {v}")
+        if "choices" in meta and v not in meta["choices"]:
+            raise ConfigError(f"{key}: must be one of {', '.join(meta['choices'])}; got {v!r}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'epochs=3'`` → ``('epochs', 3)``; the value is read as a YAML scalar or flow list."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. epochs=3)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    cfg = Config()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, model, gan, train, run)")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), list(SECTIONS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (sections: {', '.join(SECTIONS)})"
+            raise ConfigError(f"{source}: unknown config section '{section}'{hint}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of key: value")
+        for name, value in values.items():
+            cfg.set(f"{section}.{name}", value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist (configs ship in experiments/configs/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    cfg = from_dict(data, source=str(path or "config"))
+    for text in overrides:
+        key, value = parse_override(text)
+        cfg.set(key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks and registry names; raises ConfigError naming the field."""
+    from mlo.budget import ALLOCATORS
+    from mlo.data.sources import SOURCES
+    from mlo.losses import LOSSES
+    from mlo.models import list_models
+
+    def choice(key: str, value: str, names) -> None:
+        if value not in names:
+            close = difflib.get_close_matches(value, list(names), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"{key}: unknown value '{value}' ({hint}choices: {', '.join(sorted(names))})")
+
+    choice("data.dataset", cfg.data.dataset, SOURCES)
+    choice("model.encoder", cfg.model.encoder, list_models("encoder"))
+    choice("gan.generator", cfg.gan.generator, list_models("gan"))
+    choice("train.allocator", cfg.train.allocator, ALLOCATORS)
+    choice("train.loss", cfg.train.loss, LOSSES)
+    if len(cfg.gan.gan_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.gan.gan_betas):
+        raise ConfigError(f"gan.gan_betas: expected two numbers in [0, 1), got {cfg.gan.gan_betas}")
+    if sorted(cfg.train.lr_milestones) != cfg.train.lr_milestones or any(
+            m < 1 or m > cfg.train.epochs for m in cfg.train.lr_milestones):
+        raise ConfigError(f"train.lr_milestones: expected increasing epochs in 1..{cfg.train.epochs}, "
+                          f"got {cfg.train.lr_milestones}")
+    policies = [p for p in cfg.gan.diffaugment.split(",") if p and p != "none"]
+    from mlo.models.gan.diffaugment import POLICIES
+    for p in policies:
+        choice("gan.diffaugment", p, POLICIES)
+    device = cfg.run.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:N, got '{device}'")
+    if cfg.run.name is not None and (not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", "..")):
+        raise ConfigError(f"run.name: must be a plain folder name, got '{cfg.run.name}'")
+
+
+def help_text() -> str:
+    """Every key with its default and help, for ``needsgen run --help``."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name}={yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
+                         f"  {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def config_diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Keys whose values differ between two configs, as ``key: a -> b``."""
+    da, db = a.to_dict(), b.to_dict()
+    out = []
+    for section in SECTIONS:
+        for name in da[section]:
+            key = f"{section}.{name}"
+            if key not in ignore and da[section][name] != db[section][name]:
+                out.append(f"{key}: {da[section][name]!r} -> {db[section][name]!r}")
+    return out
