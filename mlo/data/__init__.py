@@ -1,0 +1,45 @@
+"""Long-tailed data for a run: the source, the balanced validation split, the cut, the test split."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mlo.data.longtail import SHOT_RULE, longtail_counts, longtail_split, shot_groups
+from mlo.data.sources import SOURCES, ImageData, load_source, register_source
+
+__all__ = ["LongTailData", "build_longtail", "longtail_counts", "longtail_split", "shot_groups",
+           "SHOT_RULE", "SOURCES", "ImageData", "register_source"]
+
+
+@dataclass
+class LongTailData:
+    train_images: torch.Tensor
+    train_labels: np.ndarray
+    val_images: torch.Tensor
+    val_labels: np.ndarray
+    test_images: torch.Tensor
+    test_labels: np.ndarray
+    classes: list[str]
+    train_counts: list[int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+
+def build_longtail(data_cfg) -> LongTailData:
+    source = load_source(data_cfg)
+    split = longtail_split(source.train_labels, source.num_classes, data_cfg.imbalance_factor,
+                           data_cfg.val_per_class, data_cfg.split_seed, data_cfg.n_max)
+    return LongTailData(
+        train_images=source.train_images[split.train], train_labels=source.train_labels[split.train],
+        val_images=source.train_images[split.val], val_labels=source.train_labels[split.val],
+        test_images=source.test_images, test_labels=source.test_labels,
+        classes=source.classes, train_counts=split.counts,
+    )

@@ -1,0 +1,116 @@
+"""Device-resident loaders: images stay uint8 tensors on the device, batches are cut and augmented there.
+
+Every random choice (order, crops, flips) comes from a generator seeded by (seed, epoch, batch),
+so a loader can be stopped anywhere and resumed from ``state_dict()`` with the same batches.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from a tuple of integers (stable across runs and platforms)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] → float [-1, 1], the range of the generator's tanh output."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def augment_batch(x: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding of H/8) and, for ``crop_flip``, horizontal flip, per sample."""
+    if policy == "none":
+        return x
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]        # (n, h, 1)
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]        # (n, 1, w)
+    out = padded.permute(0, 2, 3, 1)[torch.arange(n, device=x.device)[:, None, None], rows, cols]
+    out = out.permute(0, 3, 1, 2)
+    if policy == "crop_flip":
+        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out.contiguous()
+
+
+class _IndexLoader:
+    """Shared iteration, resume state and augmentation; subclasses say which indices form a batch."""
+
+    def __init__(self, images: torch.Tensor, labels, seed: int, augment: str = "none",
+                 device: torch.device | str = "cpu"):
+        self.images = images.to(device)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
+        self.seed = seed
+        self.augment = augment
+        self.epoch = 0
+        self.position = 0
+
+    def batch_indices(self, epoch: int) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.batch_indices(0))
+
+    def __iter__(self):
+        batches = self.batch_indices(self.epoch)
+        for b in range(self.position, len(batches)):
+            self.position = b + 1
+            idx = batches[b].to(self.images.device)
+            x = augment_batch(to_float(self.images[idx]), self.augment,
+                              seeded_generator(self.seed, self.epoch, b, 1))
+            yield x, self.labels[idx]
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class TensorLoader(_IndexLoader):
+    """Shuffled fixed-size batches; the last partial batch is dropped (one batch if N < batch)."""
+
+    def __init__(self, images, labels, batch_size: int, seed: int, augment: str = "none", device="cpu"):
+        super().__init__(images, labels, seed, augment, device)
+        self.batch_size = min(batch_size, len(self.labels))
+
+    def batch_indices(self, epoch: int) -> list[torch.Tensor]:
+        perm = torch.randperm(len(self.labels), generator=seeded_generator(self.seed, epoch, 0))
+        steps = len(perm) // self.batch_size
+        return list(perm[: steps * self.batch_size].view(steps, self.batch_size))
+
+
+class BalancedLoader(_IndexLoader):
+    """Class-balanced batches: ``per_class`` images of every class in each batch."""
+
+    def __init__(self, images, labels, per_class: int, seed: int, device="cpu"):
+        super().__init__(images, labels, seed, "none", device)
+        labels = np.asarray(labels)
+        self.by_class = [torch.from_numpy(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
+        self.per_class = max(1, min(per_class, min(len(i) for i in self.by_class)))
+
+    def batch_indices(self, epoch: int) -> list[torch.Tensor]:
+        steps = min(len(i) for i in self.by_class) // self.per_class
+        perms = [idx[torch.randperm(len(idx), generator=seeded_generator(self.seed, epoch, c))]
+                 for c, idx in enumerate(self.by_class)]
+        k = self.per_class
+        return [torch.cat([p[b * k:(b + 1) * k] for p in perms]) for b in range(steps)]
+
+
+def iterate_batches(images: torch.Tensor, labels, batch_size: int, device):
+    """In-order batches for evaluation, converted to float on the device."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    for start in range(0, len(labels), batch_size):
+        yield (to_float(images[start:start + batch_size].to(device)),
+               labels[start:start + batch_size].to(device))

@@ -1,0 +1,92 @@
+"""Long-tailed training subsets and the balanced validation split.
+
+Convention (LDAM-DRW / Meta-Weight-Net): class c keeps ``n_c = int(n_max * IF**(-c/(C-1)))`` images,
+chosen by a seeded per-class shuffle; the validation images are taken per class from the
+balanced training pool *before* the cut, so they never overlap the training subset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlo.errors import DataError
+
+MANY_SHOT, FEW_SHOT = 100, 20  # Many: > 100 training images, Few: < 20, Medium: in between
+SHOT_RULE = "Many: >100 training images, Medium: 20-100, Few: <20"
+
+
+def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    """Images kept per class: ``int(n_max * IF**(-c/(C-1)))`` for c = 0..C-1."""
+    if num_classes == 1:
+        return [int(n_max)]
+    return [int(n_max * imbalance_factor ** (-c / (num_classes - 1))) for c in range(num_classes)]
+
+
+def _class_rng(seed: int, c: int) -> np.random.Generator:
+    return np.random.default_rng([seed, c])
+
+
+@dataclass
+class Split:
+    """Indices into the source's training array."""
+    train: np.ndarray
+    val: np.ndarray
+    counts: list[int]
+
+
+def longtail_split(labels: np.ndarray, num_classes: int, imbalance_factor: float,
+                   val_per_class: int, seed: int, n_max: int | None = None) -> Split:
+    """Balanced validation split, then the long-tail cut of what remains.
+
+    ``n_max`` defaults to the smallest per-class pool left after the validation split.
+    """
+    labels = np.asarray(labels)
+    pools, val = [], []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[_class_rng(seed, c).permutation(len(idx))]
+        if len(idx) <= val_per_class:
+            raise DataError(f"data.val_per_class={val_per_class} leaves no training image for class {c} "
+                            f"({len(idx)} images in its pool); lower data.val_per_class")
+        val.append(idx[:val_per_class])
+        pools.append(idx[val_per_class:])
+    smallest = min(len(p) for p in pools)
+    if n_max is None:
+        n_max = smallest
+    elif n_max > smallest:
+        raise DataError(f"data.n_max={n_max} exceeds the smallest class pool ({smallest} images after the "
+                        f"validation split); lower data.n_max or data.val_per_class")
+    counts = longtail_counts(n_max, num_classes, imbalance_factor)
+    if min(counts) < 1:
+        empty = counts.index(min(counts))
+        raise DataError(f"class {empty} has no training image after the long-tail cut "
+                        f"(n_max={n_max}, data.imbalance_factor={imbalance_factor:g}); "
+                        f"lower data.imbalance_factor or raise data.n_max")
+    train = np.concatenate([p[:n] for p, n in zip(pools, counts)])
+    return Split(train=np.sort(train), val=np.sort(np.concatenate(val)), counts=counts)
+
+
+def balanced_holdout(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (rest, held-out) with ``per_class`` held-out images per class."""
+    labels = np.asarray(labels)
+    held, rest = [], []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[_class_rng(seed + 7919, c).permutation(len(idx))]
+        if len(idx) <= per_class:
+            raise DataError(f"data.test_per_class={per_class} leaves no image of class {c} for training; "
+                            f"lower data.test_per_class")
+        held.append(idx[:per_class])
+        rest.append(idx[per_class:])
+    return np.sort(np.concatenate(rest)), np.sort(np.concatenate(held))
+
+
+def shot_groups(train_counts) -> dict[str, list[int]]:
+    """Class indices in the Many / Medium / Few groups by training-image count."""
+    counts = list(train_counts)
+    return {
+        "many": [c for c, n in enumerate(counts) if n > MANY_SHOT],
+        "medium": [c for c, n in enumerate(counts) if FEW_SHOT <= n <= MANY_SHOT],
+        "few": [c for c, n in enumerate(counts) if n < FEW_SHOT],
+    }
