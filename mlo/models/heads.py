@@ -1,0 +1,47 @@
+"""The meta block A and the classifier built around it: ``encoder → A → linear head``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MetaBlock(nn.Module):
+    """A: ``Linear–BN–ReLU–Linear`` (feature → feature), shared by W1, W2 and the discriminator H.
+
+    The BN affine weights belong to A; the running statistics are kept per *stream* (one per
+    network that reads features through A), because each encoder has its own feature
+    distribution and mixing them would corrupt evaluation-mode statistics.
+    """
+
+    def __init__(self, dim: int, streams: tuple[str, ...]):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim, bias=False)
+        self.norm_weight = nn.Parameter(torch.ones(dim))
+        self.norm_bias = nn.Parameter(torch.zeros(dim))
+        self.norms = nn.ModuleDict({s: nn.BatchNorm1d(dim, affine=False) for s in streams})
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor, stream: str) -> torch.Tensor:
+        h = self.norms[stream](self.fc1(h)) * self.norm_weight + self.norm_bias
+        return self.fc2(F.relu(h))
+
+
+class Classifier(nn.Module):
+    """``head(A(encoder(x)))``. A is either shared (passed in by the problem) or owned (``neck``)
+    when the run has no meta level, so every classifier has the same capacity."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, stream: str, neck: MetaBlock | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.neck = neck
+        self.head = nn.Linear(encoder.out_dim, num_classes)
+        self.stream = stream
+
+    def features(self, x: torch.Tensor, shared_neck: MetaBlock | None = None) -> torch.Tensor:
+        neck = self.neck if self.neck is not None else shared_neck
+        h = self.encoder(x)
+        return neck(h, self.stream) if neck is not None else h
+
+    def forward(self, x: torch.Tensor, shared_neck: MetaBlock | None = None) -> torch.Tensor:
+        return self.head(self.features(x, shared_neck))
