@@ -1,0 +1,116 @@
+"""Class needs → allocation p(s) → class samples and relaxed keep-weights b_m.
+
+- ``per_class_val_loss``: mean validation loss ``l_c`` per class (differentiable in W1 and A).
+- Allocators turn class statistics into ``p(s=c)``; ``needs`` is the method (``p ∝ l_c``).
+- ``sample_classes``: ``o_m ~ p(s)`` by Gumbel-max from uniforms drawn beforehand.
+- ``keep_weights``: ``b_m = σ((log p(o_m) − log(1 − p(o_m)) + g1 − g2) / T)``, the binary
+  Gumbel-softmax relaxation of keeping sample m with probability ``p(o_m)``; ``g1 − g2`` is
+  logistic noise, drawn beforehand too.
+- ``temperature``: exponential anneal from ``T0`` to ``T1``.
+
+All noise is an argument, so these are pure functions (finite-difference hops depend on it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-6
+
+
+@dataclass
+class ClassStats:
+    """What an allocator may look at; ``val_loss`` carries gradients to W1 and A."""
+    val_loss: torch.Tensor      # (C,)
+    val_acc: torch.Tensor       # (C,)
+    train_counts: torch.Tensor  # (C,)
+
+
+def per_class_val_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> ClassStats:
+    """Mean cross-entropy and accuracy per class on a (class-balanced) validation batch."""
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).to(losses.dtype)
+    loss_c = torch.zeros(num_classes, device=logits.device, dtype=losses.dtype).index_add(0, labels, losses) / counts
+    correct = (logits.argmax(1) == labels).to(losses.dtype)
+    acc_c = torch.zeros_like(loss_c).index_add(0, labels, correct) / counts
+    return ClassStats(val_loss=loss_c, val_acc=acc_c, train_counts=torch.zeros_like(loss_c))
+
+
+class Allocator:
+    """Maps class statistics to ``p(s)``, a distribution over classes."""
+    name = ""
+
+    def __call__(self, stats: ClassStats) -> torch.Tensor:
+        raise NotImplementedError
+
+
+ALLOCATORS: dict[str, type[Allocator]] = {}
+
+
+def register_allocator(cls: type[Allocator]) -> type[Allocator]:
+    ALLOCATORS[cls.name] = cls
+    return cls
+
+
+@register_allocator
+class NeedsAllocator(Allocator):
+    """The method: ``p(s=c) = l_c / Σ_b l_b`` — classes the classifier does worst on get more."""
+    name = "needs"
+
+    def __call__(self, stats: ClassStats) -> torch.Tensor:
+        loss = stats.val_loss.clamp(min=_EPS)
+        return loss / loss.sum()
+
+
+@register_allocator
+class EqualAllocator(Allocator):
+    """The same share for every class."""
+    name = "equal"
+
+    def __call__(self, stats: ClassStats) -> torch.Tensor:
+        return torch.full_like(stats.val_loss, 1.0 / stats.val_loss.numel()).detach()
+
+
+@register_allocator
+class ReciprocalAllocator(Allocator):
+    """``p(s=c) ∝ 1 / n_c``: rarer classes get more, whatever the classifier does."""
+    name = "reciprocal"
+
+    def __call__(self, stats: ClassStats) -> torch.Tensor:
+        inv = 1.0 / stats.train_counts.clamp(min=1)
+        return (inv / inv.sum()).detach()
+
+
+def create_allocator(name: str) -> Allocator:
+    return ALLOCATORS[name]()
+
+
+def uniform_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Uniforms in (0, 1), kept away from the ends so their logs are finite."""
+    return torch.rand(shape, generator=generator, device=device).clamp_(_EPS, 1 - _EPS)
+
+
+def logistic_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """``g1 − g2`` for two independent Gumbel(0, 1) draws, i.e. a standard logistic sample."""
+    u = uniform_noise(shape, generator, device)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def sample_classes(p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max sampling: ``o_m = argmax_c log p_c + G_mc`` with ``G = −log(−log U)``."""
+    gumbel = -torch.log(-torch.log(uniforms))
+    return torch.argmax(torch.log(p.detach().clamp(min=1e-30))[None, :] + gumbel, dim=1)
+
+
+def keep_weights(p_o: torch.Tensor, logistic: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Relaxed Bernoulli(p_o): ``P(b > 1/2) = p_o`` at any temperature; ``b → {0, 1}`` as T → 0."""
+    p = p_o.clamp(_EPS, 1 - _EPS)
+    return torch.sigmoid((torch.log(p) - torch.log1p(-p) + logistic) / temperature)
+
+
+def temperature(progress: float, start: float, end: float) -> float:
+    """Exponential anneal: ``start`` at progress 0, ``end`` at progress 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    return start * (end / start) ** progress

@@ -1,0 +1,185 @@
+"""The deterministic problem base every level builds on.
+
+Betty's finite-difference hypergradients re-run a lower level's ``training_step`` on its last batch
+with perturbed weights. That is only correct if ``training_step`` is a pure function of the batch
+and the parameters. This base makes it so:
+
+1. ``get_batch`` asks the subclass for ``prepare_batch(data)``: every random draw (latents, class
+   samples, Gumbel noise, augmentation choices) happens there, from the level's own seeded
+   generator, and lands in the batch dict.
+2. As a safety net for code that still draws inside ``training_step`` (dropout, a user's level),
+   the step runs under a global RNG forked and seeded per batch, so a hop repeats the same draws.
+3. Statistics (BN running stats, spectral-norm vectors) change only in their owner's own step:
+   a level's step updates its module and its stream of A, never another level's (W2 reading W1
+   on validation images must not move W1's BN statistics); an evaluation that is not a step (a
+   hop, a reference check) changes none, and runs spectral norm without power iterations.
+
+A subclass is small: ``prepare_batch`` and ``training_step``, sometimes ``forward``.
+"""
+from __future__ import annotations
+
+import zlib
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+from betty.configs import Config
+from torch.nn.utils.parametrizations import _SpectralNorm
+
+from mlo import hypergradient as _hypergradient  # noqa: F401  (registers the 'exact' hop type)
+from mlo.betty_compat import CompatProblem
+from mlo.data.loaders import derive_seed
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def level_config(*, unroll_steps: int = 1, hypergradient: str = "darts", darts_alpha: float = 0.001,
+                 precision: str = "fp32", retain_graph: bool = False) -> Config:
+    """Betty's problem config as every level here uses it; ``hypergradient`` is the hop type
+    (``darts`` or ``exact``, see ``mlo.hypergradient``) used where this level is a lower level."""
+    return Config(type=hypergradient, unroll_steps=unroll_steps, darts_alpha=darts_alpha, precision=precision,
+                  retain_graph=retain_graph)
+
+
+@contextmanager
+def frozen_statistics(modules: list[nn.Module], keep: list[nn.Module] = ()):
+    """Run forwards that leave the buffers (BN running stats, spectral-norm u/v) of ``modules``
+    unchanged, except those inside ``keep``.
+
+    Each buffer is swapped for a scratch copy while inside and the original put back after, so
+    nothing is modified in place (autograd saved the scratch copies, e.g. BN's running stats).
+    """
+    kept = {id(m) for k in keep for m in k.modules()}
+    inner = list({id(m): m for module in modules for m in module.modules() if id(m) not in kept}.values())
+    spectral = [m for m in inner if isinstance(m, _SpectralNorm)]
+    saved_iters = [m.n_power_iterations for m in spectral]
+    originals = [(m, name, b) for m in inner for name, b in m._buffers.items() if b is not None]
+    for m, name, b in originals:
+        m._buffers[name] = b.clone()
+    for m in spectral:
+        m.n_power_iterations = 0
+    try:
+        yield
+    finally:
+        for m, n in zip(spectral, saved_iters):
+            m.n_power_iterations = n
+        for m, name, b in originals:
+            m._buffers[name] = b
+
+
+@contextmanager
+def forked_rng(seed: int, device):
+    """Global torch RNG seeded with ``seed`` inside, restored outside."""
+    device = torch.device(device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+class LevelProblem(CompatProblem):
+    """A Betty ``ImplicitProblem`` whose ``training_step`` is a pure function of ``cur_batch``."""
+
+    def __init__(self, name: str, config: Config, module: nn.Module, optimizer, scheduler=None,
+                 train_data_loader=None, *, seed: int = 0, ready_on: list[str] | None = None):
+        super().__init__(name, config, module=module, optimizer=optimizer, scheduler=scheduler,
+                         train_data_loader=train_data_loader)
+        self.seed = derive_seed(seed, zlib.crc32(name.encode()))
+        self.ready_on = ready_on        # step once these children are ready, not all of them
+        self.graph_modules: list[nn.Module] = [module]  # set by the graph builder: every module in the graph
+        self.noise = None                # torch.Generator on the device, for prepare_batch
+        self._batch_seeds = torch.Generator().manual_seed(self.seed)
+        self._own_step = False
+        self.records: dict[str, torch.Tensor] = {}
+
+    # ----- randomness, drawn in get_batch -------------------------------------------------------
+    def initialize(self):
+        super().initialize()
+        self.noise = torch.Generator(device=self.device).manual_seed(self.seed)
+
+    def prepare_batch(self, data) -> dict[str, Any]:
+        """Turn loader output into the batch dict, drawing any noise from ``self.noise``."""
+        x, y = data
+        return {"x": x, "y": y}
+
+    def get_batch(self) -> dict[str, Any]:
+        data = super().get_batch() if self.train_data_loader is not None else None
+        batch = self.prepare_batch(data)
+        batch["rng_seed"] = int(torch.randint(0, 2 ** 62, (), generator=self._batch_seeds))
+        return batch
+
+    # ----- pure evaluation ----------------------------------------------------------------------
+    def training_step_exec(self, batch):
+        keep = self.owned_statistics() if self._own_step else []
+        with frozen_statistics(self.graph_modules, keep), forked_rng(batch["rng_seed"], self.device):
+            return super().training_step_exec(batch)
+
+    def owned_statistics(self) -> list[nn.Module]:
+        """Modules whose statistics this level's own step updates: its module and its stream of A."""
+        owned = [self.module]
+        stream, neck = getattr(unwrap(self.module), "stream", None), self.shared_neck
+        if stream is not None and neck is not None:
+            owned.append(unwrap(neck).norms[stream])
+        return owned
+
+    def get_loss(self, batch):
+        self._own_step = True
+        try:
+            loss, loss_dict = super().get_loss(batch)
+            self.record("loss", torch.tensor(loss_dict["loss"]))
+            self.record("steps", torch.tensor(1.0))
+            return loss, loss_dict
+        finally:
+            self._own_step = False
+
+    def record(self, key: str, value: torch.Tensor) -> None:
+        """Accumulate a statistic of the level's own steps (never of hops); no host sync."""
+        if self._own_step:
+            value = value.detach().float()
+            self.records[key] = self.records[key] + value if key in self.records else value
+
+    def pop_records(self) -> dict[str, torch.Tensor]:
+        records, self.records = self.records, {}
+        return records
+
+    # ----- cadence and wiring -------------------------------------------------------------------
+    def check_ready(self):
+        if self.ready_on is None:
+            return super().check_ready()
+        names = [c.name for c in self.children]
+        return all(self.ready[names.index(n)] for n in self.ready_on)
+
+    @property
+    def shared_neck(self) -> nn.Module | None:
+        """The meta block A, when the graph has a ``meta`` level (Betty sets levels as attributes)."""
+        meta = getattr(self, "meta", None)
+        return meta.module if meta is not None else None
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def level_state(self) -> dict[str, Any]:
+        state = self.state_dict()
+        state.update({
+            "count": self._count, "ready": list(self.ready), "inner_loop_start": self._inner_loop_start,
+            "epoch_counter": list(self.epoch_counter or []),
+            "loaders": [loader.state_dict() for loader in (self.train_data_loader or [])],
+            "noise": self.noise.get_state(), "batch_seeds": self._batch_seeds.get_state(),
+            "records": dict(self.records),
+        })
+        return state
+
+    def load_level_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state)
+        self._count, self.ready = state["count"], list(state["ready"])
+        self._inner_loop_start = state["inner_loop_start"]
+        if self.train_data_loader is not None:
+            self.epoch_counter = list(state["epoch_counter"])
+            for i, (loader, loader_state) in enumerate(zip(self.train_data_loader, state["loaders"])):
+                loader.load_state_dict(loader_state)
+                self.train_data_iterator[i] = iter(loader)
+        self.noise.set_state(state["noise"])
+        self._batch_seeds.set_state(state["batch_seeds"])
+        self.records = dict(state["records"])

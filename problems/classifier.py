@@ -1,0 +1,75 @@
+"""W1, the initial classifier, and W2, the refined classifier trained on real plus generated images."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mlo.budget import Allocator, keep_weights, logistic_noise, per_class_val_loss, sample_classes, temperature, uniform_noise
+from problems.base import LevelProblem, unwrap
+
+
+class ClassifierProblem(LevelProblem):
+    """W1 (or a vanilla classifier): ``min_W L_cls(W, A, D_tr)``."""
+
+    def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
+                 loss_fn, **kwargs):
+        super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
+        self.loss_fn = loss_fn
+
+    def forward(self, x):
+        return self.module(x, self.shared_neck)
+
+    def training_step(self, batch):
+        return self.loss_fn(self(batch["x"]), batch["y"]).mean()
+
+
+class RefinedClassifierProblem(ClassifierProblem):
+    """W2: ``L_cls(W2, A, D_tr) + λ · mean_m b_m · L_cls(W2, A, G(o_m, δ_m), o_m)``.
+
+    ``p(s)`` comes from the allocator applied to W1's per-class loss on a class-balanced
+    validation batch, so b_m carries gradients to W1 and A; o_m, δ_m and the Gumbel noise are
+    drawn in ``prepare_batch``.
+    """
+
+    def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
+                 loss_fn, allocator: Allocator, train_counts, gen_per_step: int, lambda_gen: float,
+                 temperatures: tuple[float, float], total_steps: int, **kwargs):
+        super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn, **kwargs)
+        self.allocator = allocator
+        self.train_counts = torch.as_tensor(train_counts, dtype=torch.float)
+        self.num_classes = len(train_counts)
+        self.gen_per_step = gen_per_step
+        self.lambda_gen = lambda_gen
+        self.temperatures = temperatures
+        self.total_steps = total_steps
+
+    def prepare_batch(self, data):
+        (x, y), (x_val, y_val) = data
+        m, dev = self.gen_per_step, self.device
+        return {
+            "x": x, "y": y, "x_val": x_val, "y_val": y_val,
+            "z": torch.randn(m, unwrap(self.gen.module).z_dim, generator=self.noise, device=dev),
+            "class_uniforms": uniform_noise((m, self.num_classes), self.noise, dev),
+            "logistic": logistic_noise((m,), self.noise, dev),
+            "temperature": temperature(self._count / max(1, self.total_steps), *self.temperatures),
+        }
+
+    def allocation(self, x_val, y_val):
+        """``p(s)`` and W1's per-class validation statistics (differentiable in W1 and A)."""
+        stats = per_class_val_loss(self.w1(x_val), y_val, self.num_classes)
+        stats.train_counts = self.train_counts.to(stats.val_loss.device)
+        return self.allocator(stats), stats
+
+    def training_step(self, batch):
+        p, stats = self.allocation(batch["x_val"], batch["y_val"])
+        classes = sample_classes(p, batch["class_uniforms"])
+        keep = keep_weights(p[classes], batch["logistic"], batch["temperature"])
+        generated = self.gen.module(batch["z"], classes)
+        logits = self(torch.cat([batch["x"], generated]))
+        n = batch["y"].shape[0]
+        real_loss = self.loss_fn(logits[:n], batch["y"]).mean()
+        gen_loss = (keep * self.loss_fn(logits[n:], classes)).mean()
+        self.record("generated", F.one_hot(classes, self.num_classes).float().mul(keep[:, None]).sum(0))
+        self.record("allocation", p)
+        self.record("val_loss", stats.val_loss)
+        return real_loss + self.lambda_gen * gen_loss

@@ -1,0 +1,24 @@
+"""A, the shared meta-parameters, learned on the balanced validation set."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from problems.base import LevelProblem
+
+
+class MetaProblem(LevelProblem):
+    """``min_A L_cls(W2', A, D_val) + γ · L_cls(W1', A, D_val)``."""
+
+    def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
+                 gamma: float, **kwargs):
+        super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
+        self.gamma = gamma
+
+    def owned_statistics(self):
+        # A's only buffers are its per-stream BN statistics; each stream belongs to the level
+        # that reads features through it, so validation batches seen here leave them alone.
+        return []
+
+    def training_step(self, batch):
+        x, y = batch["x"], batch["y"]
+        return F.cross_entropy(self.w2(x), y) + self.gamma * F.cross_entropy(self.w1(x), y)
