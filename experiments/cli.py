@@ -1,0 +1,172 @@
+"""``needsgen``: run, eval and bench. Bad input is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from mlo.config import Config, config_diff, from_dict, help_text, load_config, parse_override, validate
+from mlo.errors import UserError
+
+DEFAULT_CONFIG = "digits_lt"
+
+
+def shipped_configs() -> dict[str, Path]:
+    folder = resources.files("experiments") / "configs"
+    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config_path(name: str | None) -> Path:
+    """A file path, or the name of a config shipped in experiments/configs (with or without .yaml)."""
+    name = name or DEFAULT_CONFIG
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    key = path.name.removesuffix(".yaml")
+    if key in shipped and path.parent == Path("."):
+        return shipped[key]
+    raise UserError(f"config '{name}' is neither a file nor a shipped config ({', '.join(sorted(shipped))})")
+
+
+def split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] key=value ...`` → (config, overrides)."""
+    config = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise UserError(f"unexpected argument '{item}': give one config and key=value overrides")
+    return config, overrides
+
+
+def print_table(run, metrics: dict) -> None:
+    from mlo.report import text_table
+    header, rows = run.table(metrics)
+    print()
+    print(text_table(header, rows))
+    before, after = metrics["before"], metrics["after"]
+    few = [c for c, n in enumerate(metrics["train_counts"]) if n == min(metrics["train_counts"])]
+    tail = lambda m: 100 * sum(m["per_class_acc"][c] for c in few) / len(few)
+    line = f"test top-1: {100 * after['top1']:.2f}%"
+    if before:
+        line = (f"test top-1: before (W1) {100 * before['top1']:.2f}%  after (W2) {100 * after['top1']:.2f}%   "
+                f"tail class: before {tail(before):.1f}%  after {tail(after):.1f}%")
+    print(line)
+
+
+def cmd_run(args) -> int:
+    from experiments.runner import CONFIG, METRICS, Run, prepare_run_dir
+
+    config_arg, overrides = split_args(args.items)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / CONFIG).is_file():
+            raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG}); give the folder a run created")
+        import yaml
+        saved = from_dict(yaml.safe_load((run_dir / CONFIG).read_text()), source=str(run_dir / CONFIG))
+        if config_arg or overrides:
+            requested = load_config(resolve_config_path(config_arg) if config_arg else None, overrides) \
+                if config_arg else _with_overrides(saved, overrides)
+            diff = config_diff(saved, requested, ignore=("run.progress",))
+            if diff:
+                raise UserError(f"cannot resume '{run_dir}' with a different config: {'; '.join(diff)}")
+        if (run_dir / METRICS).is_file():
+            raise UserError(f"'{run_dir}' already finished ({METRICS} exists); start a new run instead")
+        validate(saved)
+        run = Run(saved)
+        metrics = run.execute(run_dir, resume=(run_dir / "checkpoint.pt").is_file())
+    else:
+        path = resolve_config_path(config_arg)
+        cfg = load_config(path, overrides)
+        run = Run(cfg)
+        run_dir = prepare_run_dir(cfg, path.name.removesuffix(".yaml"))
+        print(f"run directory: {run_dir}", file=sys.stderr)
+        metrics = run.execute(run_dir)
+    print_table(run, metrics)
+    print(f"outputs in {run_dir}/ (metrics.json, report.md, train_log.csv, plots, checkpoint.pt)")
+    return 0
+
+
+def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    cfg = from_dict(cfg.to_dict())
+    for text in overrides:
+        cfg.set(*parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def cmd_eval(args) -> int:
+    import yaml
+    from experiments.runner import CONFIG, Run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG).is_file() or not (run_dir / "checkpoint.pt").is_file():
+        raise UserError(f"'{run_dir}' is not a run directory with a checkpoint ({CONFIG}, checkpoint.pt)")
+    cfg = from_dict(yaml.safe_load((run_dir / CONFIG).read_text()), source=str(run_dir / CONFIG))
+    if args.device:
+        cfg.set("run.device", args.device)
+    validate(cfg)
+    run = Run(cfg)
+    run.run_dir = run_dir
+    run.load_checkpoint()
+    if not run.trainer.done:
+        print(f"note: the checkpoint is from step {run.engine.global_step} of {run.trainer.total_iterations}; "
+              f"evaluating it as it is", file=sys.stderr)
+    print_table(run, run.evaluate())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from experiments.bench.speed import main as bench_main
+    return bench_main(args.items)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="needsgen", description="Needs-aware image generation on a long-tailed dataset, trained end to end on Betty.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    configs = ", ".join(sorted(shipped_configs()))
+    run = sub.add_parser(
+        "run", help="train one run and print its per-class table",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a mode on a long-tailed dataset, evaluate W1 (before) and W2 (after) on the test "
+                    "split, and write a run directory.",
+        epilog=f"CONFIG is a YAML file or a shipped config ({configs}); default {DEFAULT_CONFIG}.\n"
+               f"Overrides are key=value with section.key or the bare key:\n\n{help_text()}")
+    run.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint on the test split and print its table",
+                        description="Evaluate the checkpoint of RUN_DIR on the test split; writes nothing.")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--device", help="evaluate on this device instead of the run's (cpu, cuda, cuda:N)")
+    ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="time vanilla training against the end-to-end MLO",
+                           description="Seconds per iteration of vanilla W and of the end-to-end MLO on the "
+                                       "same data and batch size, in one process (experiments/bench/speed.py).",
+                           epilog="Arguments are passed to the benchmark; see 'needsgen bench --help-bench'.")
+    bench.add_argument("items", nargs=argparse.REMAINDER, metavar="...")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"needsgen: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

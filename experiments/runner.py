@@ -1,0 +1,268 @@
+"""One run: data, levels, engine and phases from a config; training; evaluation; the run directory.
+
+    run_dir/config.yaml       the resolved config
+    run_dir/train_log.csv     one row per epoch (validation accuracy, losses, temperature)
+    run_dir/checkpoint.pt     everything needed to resume
+    run_dir/metrics.json      written last: its presence marks a finished run
+    run_dir/report.md, *.png  tables, plots and sample grids
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mlo.budget import temperature
+from mlo.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from mlo.config import Config
+from mlo.data import SHOT_RULE, build_longtail
+from mlo.data.loaders import iterate_batches
+from mlo.errors import ConfigError, UserError
+from mlo.graph import build_engine
+from mlo.metrics import classification_metrics, per_class_accuracy, predict
+from mlo.report import (TABLE3_HEADER, markdown_table, per_class_rows, plot_allocation, plot_per_class_accuracy,
+                        save_sample_grid, text_table)
+from mlo.trainer import Phase, Trainer
+from experiments.levels import BuildContext, build_levels
+from experiments.modes import resolve_mode
+
+CHECKPOINT, METRICS, CONFIG, LOG = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv"
+EVAL_BATCH = 500
+SAMPLES_PER_CLASS = 8
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device={name} but no CUDA device is available; use run.device=cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"run.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Run:
+    """A configured run in ``run_dir``; ``execute()`` trains (or resumes), evaluates and writes outputs."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir: Path | None = None  # set by execute(); nothing is written before
+        self.device = resolve_device(cfg.run.device)
+        if cfg.train.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
+        self.mode = resolve_mode(cfg.train, cfg.model)
+        self.data = build_longtail(cfg.data)
+        self.ctx = BuildContext(cfg, self.data, self.mode, self.device)
+        problems = build_levels(self.ctx)
+        self.levels = {p.name: p for p in problems}
+        self.engine = build_engine(problems, {k: list(v) for k, v in self.mode.u2l.items()},
+                                   {k: list(v) for k, v in self.mode.l2u.items()}, device=self.device)
+        phases = []
+        if self.mode.pretrain_gan and cfg.gan.gan_pretrain_steps:
+            phases.append(Phase("GAN pre-training", cfg.gan.gan_pretrain_steps, leaves=["disc"], unroll={"disc": 1}))
+        phases.append(Phase(self.mode.name, self.ctx.total_steps, epoch_length=self.ctx.steps_per_epoch))
+        self.trainer = Trainer(self.engine, phases, progress=cfg.run.progress, on_epoch_end=self.end_epoch,
+                               on_checkpoint=self.save_checkpoint)
+        self.elapsed = 0.0          # wall seconds of training, summed over resumes
+        self.last_epoch: dict[str, dict[str, torch.Tensor]] = {}
+        self._clock = time.perf_counter()
+
+    # ----- training ----------------------------------------------------------------------------
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.elapsed += now - self._clock
+        self._clock = now
+
+    def classifiers(self) -> dict[str, object]:
+        return {n: self.levels[n] for n in ("w1", "w2") if n in self.levels}
+
+    @torch.no_grad()
+    def accuracy(self, problem, images, labels) -> np.ndarray:
+        logits, y = predict(problem, iterate_batches(images, labels, EVAL_BATCH, self.device))
+        return per_class_accuracy(logits, y, self.data.num_classes)
+
+    def end_epoch(self, phase: Phase, epoch: int) -> dict:
+        self._tick()
+        self.engine.eval()
+        row = {"epoch": epoch, "global_step": self.engine.global_step, "seconds": round(self.elapsed, 2)}
+        for name, problem in self.classifiers().items():
+            row[f"{name}_val_acc"] = round(float(self.accuracy(problem, self.data.val_images, self.data.val_labels).mean()), 4)
+        self.last_epoch = {name: p.pop_records() for name, p in self.levels.items()}
+        for name, rec in self.last_epoch.items():
+            if "steps" in rec:
+                row[f"{name}_loss"] = round(float(rec["loss"] / rec["steps"]), 4)
+        if "w2" in self.levels and self.mode.generates:
+            w2 = self.levels["w2"]
+            row["temperature"] = round(temperature(w2.count / max(1, w2.total_steps), *w2.temperatures), 4)
+            row["generated"] = round(float(self.last_epoch["w2"]["generated"].sum()), 1)
+        self._append_log(row)
+        return {k: v for k, v in row.items() if k.endswith("val_acc")}
+
+    def _append_log(self, row: dict) -> None:
+        path = self.run_dir / LOG
+        rows = list(csv.DictReader(path.open())) if path.exists() else []
+        rows.append({k: str(v) for k, v in row.items()})
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "trainer": self.trainer.state_dict(),
+            "levels": {name: p.level_state() for name, p in self.levels.items()},
+            "elapsed": self.elapsed, "last_epoch": self.last_epoch,
+        }
+
+    def save_checkpoint(self) -> None:
+        self._tick()
+        save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+
+    def load_checkpoint(self) -> None:
+        state = load_checkpoint(self.run_dir / CHECKPOINT, map_location=self.device)
+        for name, p in self.levels.items():
+            p.load_level_state(state["levels"][name])
+        self.trainer.load_state_dict(state["trainer"])
+        self.elapsed = state["elapsed"]
+        self.last_epoch = state["last_epoch"]
+        log = self.run_dir / LOG
+        if log.exists():  # drop epochs logged after the checkpoint; they will be trained again
+            rows = [r for r in csv.DictReader(log.open()) if int(r["global_step"]) <= self.engine.global_step]
+            with log.open("w", newline="") as f:
+                if rows:
+                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                    writer.writeheader()
+                    writer.writerows(rows)
+
+    # ----- evaluation and outputs --------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        test = {}
+        for name, problem in self.classifiers().items():
+            logits, y = predict(problem, iterate_batches(self.data.test_images, self.data.test_labels, EVAL_BATCH, self.device))
+            test[name] = classification_metrics(logits, y, self.data.train_counts)
+        final = "w2" if "w2" in test else "w1"
+        iterations = self.ctx.total_steps
+        seconds = self.trainer.phase_seconds.get(self.mode.name, 0.0)
+        metrics = {
+            "mode": self.mode.name, "dataset": self.cfg.data.dataset, "seed": self.cfg.run.seed,
+            "device": str(self.device), "final_classifier": final,
+            "classes": list(self.data.classes), "train_counts": list(self.data.train_counts),
+            "shot_rule": SHOT_RULE,
+            **{k: v for k, v in test[final].items()},
+            "before": test.get("w1") if final == "w2" else None,
+            "after": test[final],
+            "wall_time_s": round(self.elapsed, 2),
+            "train_images_per_s": round(iterations * self.cfg.train.batch_size / max(seconds, 1e-9), 1),
+            "seconds_per_iteration": round(seconds / max(1, iterations), 5),
+        }
+        if self.mode.generates:
+            w1_val = self.accuracy(self.levels["w1"], self.data.val_images, self.data.val_labels)
+            metrics["generated_per_class"] = [round(float(v), 1) for v in self.last_epoch["w2"]["generated"].cpu()]
+            rec = self.last_epoch["w2"]
+            metrics["allocation"] = [round(float(v), 4) for v in (rec["allocation"] / rec["steps"]).cpu()]
+            metrics["w1_val_acc_per_class"] = [round(float(v), 4) for v in w1_val]
+        return metrics
+
+    def table(self, metrics: dict) -> tuple[list[str], list[list[str]]]:
+        after = np.asarray(metrics["after"]["per_class_acc"])
+        before = np.asarray(metrics["before"]["per_class_acc"]) if metrics["before"] else after
+        generated = np.asarray(metrics.get("generated_per_class", np.zeros(len(after))))
+        return TABLE3_HEADER, per_class_rows(metrics["classes"], metrics["train_counts"], before, generated, after)
+
+    def write_outputs(self, metrics: dict) -> None:
+        d = self.run_dir
+        header, rows = self.table(metrics)
+        plot_per_class_accuracy(d / "per_class_accuracy.png", metrics["classes"],
+                                (metrics["before"] or metrics["after"])["per_class_acc"],
+                                metrics["after"]["per_class_acc"], metrics["train_counts"])
+        if self.mode.generates:
+            plot_allocation(d / "allocation.png", metrics["classes"], metrics["generated_per_class"],
+                            metrics["w1_val_acc_per_class"])
+            save_sample_grid(d / "samples.png", self.samples(), nrow=SAMPLES_PER_CLASS)
+        summary = ["| | top-1 % | Many % | Medium % | Few % | ECE | per-class std |", "|---|---|---|---|---|---|---|"]
+        for label, m in (("before (W1)", metrics["before"]), ("after (W2)" if metrics["before"] else "W", metrics["after"])):
+            if m:
+                cells = [f"{100 * m[k]:.2f}" if m[k] is not None else "-" for k in ("top1", "many", "medium", "few")]
+                summary.append(f"| {label} | " + " | ".join(cells) + f" | {m['ece']:.4f} | {100 * m['per_class_std']:.2f} |")
+        report = [
+            f"# {d.name}", "",
+            f"Mode `{metrics['mode']}` on `{metrics['dataset']}` (seed {metrics['seed']}, {metrics['device']}); "
+            f"test accuracy of the last epoch. {SHOT_RULE}.", "",
+            *summary, "",
+            "## Per class (the paper's Table-3 layout)", "",
+            "Generated = Σ b_m of generated images of the class in the last epoch.", "",
+            markdown_table(header, rows), "",
+            f"Wall time {metrics['wall_time_s']:.1f} s; {metrics['train_images_per_s']:.1f} real training images/s; "
+            f"{metrics['seconds_per_iteration']:.4f} s per iteration.", "",
+        ]
+        if self.mode.generates:
+            report += ["![per-class accuracy](per_class_accuracy.png) ![allocation](allocation.png)", "",
+                       "![samples of the EMA generator, one row per class](samples.png)", ""]
+        else:
+            report += ["![per-class accuracy](per_class_accuracy.png)", ""]
+        (d / "report.md").write_text("\n".join(report))
+        atomic_write(d / METRICS, lambda f: f.write(json.dumps(
+            {k: _json_safe(v) for k, v in metrics.items()}, indent=2).encode()))
+
+    @torch.no_grad()
+    def samples(self) -> torch.Tensor:
+        ema = self.levels["gen"].ema.module.eval()
+        gen = torch.Generator(device=self.device).manual_seed(self.ctx.seed(99))
+        classes = torch.arange(self.data.num_classes, device=self.device).repeat_interleave(SAMPLES_PER_CLASS)
+        z = torch.randn(len(classes), ema.z_dim, generator=gen, device=self.device)
+        return ema(z, classes).cpu()
+
+    def execute(self, run_dir: Path, resume: bool = False) -> dict:
+        self.run_dir = Path(run_dir)
+        if resume:
+            self.load_checkpoint()
+        self._clock = time.perf_counter()
+        self.trainer.run()
+        metrics = self.evaluate()
+        self.write_outputs(metrics)
+        return metrics
+
+
+def prepare_run_dir(cfg: Config, config_name: str) -> Path:
+    """A fresh run directory; an explicit ``run.name`` that exists is refused, never overwritten."""
+    out = Path(cfg.run.out_dir).expanduser()
+    if cfg.run.name:
+        run_dir = out / cfg.run.name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"run directory '{run_dir}' already exists; resume it with --resume {run_dir} "
+                            f"or choose another run.name")
+    else:
+        base = f"{config_name}-{cfg.train.mode}-seed{cfg.run.seed}"
+        run_dir, n = out / base, 1
+        while run_dir.exists() and any(run_dir.iterdir()):
+            n += 1
+            run_dir = out / f"{base}-{n}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory '{run_dir}' ({exc.strerror}); "
+                        f"set run.out_dir to a writable folder") from None
+    (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
