@@ -1,0 +1,104 @@
+"""Allocation p(s), class sampling and the binary Gumbel-softmax relaxation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mlo.budget import (ClassStats, create_allocator, keep_weights, logistic_noise, per_class_val_loss,
+                        sample_classes, temperature, uniform_noise)
+from tests.conftest import build_run
+
+
+def _stats(loss, counts=None):
+    loss = torch.as_tensor(loss, dtype=torch.float)
+    counts = torch.as_tensor(counts if counts is not None else [1.0] * len(loss), dtype=torch.float)
+    return ClassStats(val_loss=loss, val_acc=torch.zeros_like(loss), train_counts=counts)
+
+
+def test_needs_allocation_is_proportional_to_per_class_loss():
+    p = create_allocator("needs")(_stats([0.5, 1.0, 2.5]))
+    assert torch.allclose(p, torch.tensor([0.125, 0.25, 0.625]))
+
+
+def test_equal_and_reciprocal_allocations():
+    s = _stats([0.5, 1.0, 2.5], counts=[100, 20, 5])
+    assert torch.allclose(create_allocator("equal")(s), torch.full((3,), 1 / 3))
+    inv = torch.tensor([1 / 100, 1 / 20, 1 / 5])
+    assert torch.allclose(create_allocator("reciprocal")(s), inv / inv.sum())
+
+
+def test_per_class_val_loss_matches_a_direct_computation():
+    logits = torch.randn(30, 3)
+    labels = torch.arange(30) % 3
+    out = per_class_val_loss(logits, labels, 3)
+    for c in range(3):
+        mask = labels == c
+        direct = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
+        assert torch.allclose(out.val_loss[c], direct, atol=1e-6)
+        assert out.val_acc[c] == (logits[mask].argmax(1) == c).float().mean()
+
+
+def test_sampled_class_frequencies_follow_p():
+    p = torch.tensor([0.05, 0.15, 0.3, 0.5])
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    classes = sample_classes(p, uniform_noise((n, 4), g, "cpu"))
+    observed = np.bincount(classes.numpy(), minlength=4)
+    chi2 = stats.chisquare(observed, f_exp=(p * n).numpy())
+    assert chi2.pvalue > 1e-3, (observed, chi2)
+    assert np.allclose(observed / n, p.numpy(), atol=0.01)
+
+
+@pytest.mark.parametrize("t", [5.0, 1.0, 0.1, 0.01])
+def test_keep_probability_equals_p_at_any_temperature(t):
+    g = torch.Generator().manual_seed(1)
+    n = 40_000
+    for p_o in (0.1, 0.4, 0.8):
+        b = keep_weights(torch.full((n,), p_o), logistic_noise((n,), g, "cpu"), t)
+        kept = (b > 0.5).float().mean().item()
+        assert abs(kept - p_o) < 4 * np.sqrt(p_o * (1 - p_o) / n) + 1e-3, (t, p_o, kept)
+
+
+def test_keep_weights_become_binary_as_temperature_goes_to_zero():
+    g = torch.Generator().manual_seed(2)
+    noise = logistic_noise((20_000,), g, "cpu")
+    p_o = torch.full((20_000,), 0.3)
+    undecided = [((keep_weights(p_o, noise, t) > 0.01) & (keep_weights(p_o, noise, t) < 0.99)).float().mean().item()
+                 for t in (1.0, 0.1, 0.01, 0.001)]
+    assert undecided == sorted(undecided, reverse=True)
+    assert undecided[0] > 0.5 and undecided[-1] < 0.01
+
+
+def test_temperature_anneals_exponentially():
+    assert temperature(0.0, 1.0, 0.1) == pytest.approx(1.0)
+    assert temperature(0.5, 1.0, 0.1) == pytest.approx(0.1 ** 0.5)
+    assert temperature(1.0, 1.0, 0.1) == pytest.approx(0.1)
+    assert temperature(3.0, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_gradients_flow_from_keep_weights_to_w1_and_a():
+    run = build_run()
+    w1, w2, meta = run.levels["w1"], run.levels["w2"], run.levels["meta"]
+    run.engine.train()
+    batch = w2.get_batch()
+    p, _ = w2.allocation(batch["x_val"], batch["y_val"])
+    classes = sample_classes(p, batch["class_uniforms"])
+    b = keep_weights(p[classes], batch["logistic"], batch["temperature"])
+    b.sum().backward()
+    for level in (w1, meta):
+        grads = [q.grad for q in level.trainable_parameters() if q.grad is not None]
+        assert grads and sum(g.abs().sum() for g in grads) > 0, level.name
+    assert all(q.grad is None for q in w2.trainable_parameters())  # b does not depend on W2
+
+
+def test_w2_loss_reaches_w1_a_and_g():
+    run = build_run()
+    w2 = run.levels["w2"]
+    run.engine.train()
+    loss = w2.training_step(w2.get_batch())
+    for name in ("w1", "meta", "gen", "w2"):
+        params = run.levels[name].trainable_parameters()
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name

@@ -1,0 +1,144 @@
+"""The command line end to end: a short run on digits, its outputs, eval, --help, and bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.cli import main
+
+SHORT = ["epochs=2", "gan_pretrain_steps=8", "width=8", "gan_ch=8", "z_dim=8", "shared_dim=8",
+         "meta_every=4", "progress=false"]
+
+
+def needsgen(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("needsgen")
+    cmd = [exe] if exe else [sys.executable, "-m", "experiments.cli"]
+    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    result = needsgen("run", *SHORT, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return cwd / "runs" / "digits_lt-end2end-seed0", result
+
+
+def test_run_prints_the_per_class_table(finished_run):
+    _, result = finished_run
+    lines = result.stdout.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("class"))
+    rows = lines[header + 2: header + 12]
+    assert [r.split()[0] for r in rows] == [str(c) for c in range(10)]
+    assert any(l.startswith("mean") for l in lines) and any(l.startswith("std") for l in lines)
+    assert "before (W1)" in result.stdout and "after (W2)" in result.stdout
+
+
+def test_run_directory_contents(finished_run):
+    run_dir, _ = finished_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["mode"] == "end2end" and metrics["final_classifier"] == "w2"
+    assert len(metrics["after"]["per_class_acc"]) == 10 and len(metrics["before"]["per_class_acc"]) == 10
+    assert 0 <= metrics["top1"] <= 1 and metrics["top1"] == metrics["after"]["top1"]
+    assert metrics["train_counts"][0] > metrics["train_counts"][-1]
+    assert sum(metrics["generated_per_class"]) > 0
+    assert abs(sum(metrics["allocation"]) - 1) < 1e-3
+    assert metrics["wall_time_s"] > 0 and metrics["train_images_per_s"] > 0
+    assert {"many", "medium", "few", "ece", "per_class_std"} <= set(metrics)
+    report = (run_dir / "report.md").read_text()
+    assert "| class | real images | acc. before (W1) % | generated | acc. after (W2) % |" in report
+    assert report.count("\n| ") >= 10 + 2 + 3
+    rows = list(csv.DictReader((run_dir / "train_log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"w1_val_acc", "w2_val_acc", "temperature", "w1_loss", "w2_loss"} <= set(rows[0])
+    for png in ("per_class_accuracy.png", "allocation.png", "samples.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert set(state["levels"]) == {"disc", "w1", "gen", "w2", "meta"}
+    assert (run_dir / "config.yaml").read_text().count("epochs: 2") == 1
+
+
+def test_second_default_run_gets_a_new_directory(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    before = (run_dir / "metrics.json").read_text()
+    from experiments.runner import prepare_run_dir
+    from mlo.config import load_config
+    cfg = load_config(None, [f"run.out_dir={run_dir.parent}"])
+    fresh = prepare_run_dir(cfg, "digits_lt")
+    assert fresh.name == "digits_lt-end2end-seed0-2"
+    assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_eval_reproduces_the_final_metrics(finished_run, capsys):
+    run_dir, result = finished_run
+    assert main(["eval", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    summary = [l for l in result.stdout.splitlines() if l.startswith("test top-1")]
+    assert summary and summary[0] in out
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["eval"], ["bench"]])
+def test_help_for_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(command + ["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: needsgen")
+    if command == ["run"]:
+        assert "train.meta_every=8" in out and "digits_lt" in out
+
+
+def _bad(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+BAD_INPUT = [
+    (["run", "epoch=3"], "unknown config key 'epoch' (did you mean 'epochs'?)"),
+    (["run", "dataset=svhn"], "data.dataset: unknown value 'svhn'"),
+    (["run", "imbalance_factor=0.5"], "data.imbalance_factor: must be >= 1.0"),
+    (["run", "val_per_class=500"], "data.val_per_class=500 leaves no training image"),
+    (["run", "dataset=cifar10", "data_root=EMPTY"], "CIFAR-10 not found or corrupted"),
+    (["run", "out_dir=FILE/sub"], "cannot write the run directory"),
+    (["run", "no_such_config.yaml"], "is neither a file nor a shipped config"),
+    (["run", "precision=fp16", "device=cpu"], "train.precision=fp16 needs a CUDA device"),
+    (["run", "--resume", "EMPTY"], "is not a run directory"),
+    (["eval", "EMPTY"], "is not a run directory with a checkpoint"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "FILE").write_text("")
+    args = [a.replace("EMPTY", str(tmp_path / "EMPTY")).replace("FILE", str(tmp_path / "FILE")) for a in args]
+    code, err = _bad(args, capsys, tmp_path, monkeypatch)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("needsgen: error: "), err
+    assert message in err
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_cpu_machine_is_refused(capsys, tmp_path, monkeypatch):
+    code, err = _bad(["run", "device=cuda"], capsys, tmp_path, monkeypatch)
+    assert code == 2 and "no CUDA device is available" in err
+
+
+def test_existing_named_run_is_never_overwritten(capsys, tmp_path, monkeypatch):
+    existing = tmp_path / "runs" / "mine"
+    existing.mkdir(parents=True)
+    (existing / "metrics.json").write_text("{}")
+    code, err = _bad(["run", "name=mine"], capsys, tmp_path, monkeypatch)
+    assert code == 2 and "already exists; resume it with --resume" in err
+    assert (existing / "metrics.json").read_text() == "{}" and len(list(existing.iterdir())) == 1
