@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +17,20 @@ SHORT = ["epochs=2", "gan_pretrain_steps=8", "width=8", "gan_ch=8", "z_dim=8", "
          "meta_every=4", "progress=false"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def needsgen(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    exe = shutil.which("needsgen")
-    cmd = [exe] if exe else [sys.executable, "-m", "experiments.cli"]
-    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=600)
+    """The CLI in a fresh process, running the code next to these tests."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "experiments.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_console_script_is_declared():
+    from importlib.metadata import entry_points
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "needsgen"]
+    assert script.value == "experiments.cli:main"
 
 
 @pytest.fixture(scope="module")
