@@ -59,55 +59,80 @@ def print_table(run, metrics: dict) -> None:
     print(line)
 
 
+def read_run_config(run_dir: Path) -> Config:
+    import yaml
+    from experiments.runner import CONFIG
+
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG}); give a folder that needsgen run created")
+    return from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
 def cmd_run(args) -> int:
-    from experiments.runner import CONFIG, METRICS, Run, prepare_run_dir
+    from experiments.runner import Run, prepare_run_dir
 
     config_arg, overrides = split_args(args.items)
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / CONFIG).is_file():
-            raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG}); give the folder a run created")
-        import yaml
-        saved = from_dict(yaml.safe_load((run_dir / CONFIG).read_text()), source=str(run_dir / CONFIG))
-        if config_arg or overrides:
-            requested = load_config(resolve_config_path(config_arg) if config_arg else None, overrides) \
-                if config_arg else _with_overrides(saved, overrides)
-            diff = config_diff(saved, requested, ignore=("run.progress",))
-            if diff:
-                raise UserError(f"cannot resume '{run_dir}' with a different config: {'; '.join(diff)}")
-        if (run_dir / METRICS).is_file():
-            raise UserError(f"'{run_dir}' already finished ({METRICS} exists); start a new run instead")
-        validate(saved)
-        run = Run(saved)
-        metrics = run.execute(run_dir, resume=(run_dir / "checkpoint.pt").is_file())
+        return resume_run(Path(args.resume), config_arg, overrides)
+    path = resolve_config_path(config_arg)
+    cfg = load_config(path, overrides)
+    run = Run(cfg)
+    run_dir = prepare_run_dir(cfg, path.name.removesuffix(".yaml"))
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return train_and_report(run, run_dir, resume=False)
+
+
+def resume_run(run_dir: Path, config_arg: str | None, overrides: list[str]) -> int:
+    """Continue a run; the config may differ only in settings that do not change the run."""
+    from experiments.runner import CHECKPOINT, METRICS, RESUMABLE_CHANGES, Run
+    from mlo.checkpoint import existing_checkpoint
+
+    saved = read_run_config(run_dir)
+    if config_arg:
+        requested = load_config(resolve_config_path(config_arg), overrides)
     else:
-        path = resolve_config_path(config_arg)
-        cfg = load_config(path, overrides)
-        run = Run(cfg)
-        run_dir = prepare_run_dir(cfg, path.name.removesuffix(".yaml"))
-        print(f"run directory: {run_dir}", file=sys.stderr)
-        metrics = run.execute(run_dir)
+        requested = from_dict(saved.to_dict())
+        for text in overrides:
+            requested.set(*parse_override(text))
+        validate(requested)
+    diff = config_diff(saved, requested, ignore=RESUMABLE_CHANGES)
+    if diff:
+        raise UserError(f"cannot resume '{run_dir}' with a different config: {'; '.join(diff)}")
+    if (run_dir / METRICS).is_file():
+        raise UserError(f"'{run_dir}' already finished ({METRICS} exists); start a new run instead")
+    run = Run(requested)
+    has_checkpoint = existing_checkpoint(run_dir / CHECKPOINT) is not None
+    print(f"resuming {run_dir}" + ("" if has_checkpoint else " from the start (it has no checkpoint yet)"),
+          file=sys.stderr)
+    return train_and_report(run, run_dir, resume=has_checkpoint)
+
+
+def train_and_report(run, run_dir: Path, resume: bool) -> int:
+    from mlo.errors import NumericalFault, TrainingStopped
+
+    try:
+        metrics = run.execute(run_dir, resume=resume)
+    except TrainingStopped as exc:
+        print(f"needsgen: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except NumericalFault as exc:
+        last = (f"the last good checkpoint (step {run.checkpoint_step}) is intact in {run_dir}"
+                if run.checkpoint_step is not None else "no checkpoint had been written yet")
+        print(f"needsgen: training aborted: {exc}; {last}", file=sys.stderr)
+        return 3
     print_table(run, metrics)
     print(f"outputs in {run_dir}/ (metrics.json, report.md, train_log.csv, plots, checkpoint.pt)")
     return 0
 
 
-def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
-    cfg = from_dict(cfg.to_dict())
-    for text in overrides:
-        cfg.set(*parse_override(text))
-    validate(cfg)
-    return cfg
-
-
 def cmd_eval(args) -> int:
-    import yaml
-    from experiments.runner import CONFIG, Run
+    from experiments.runner import CHECKPOINT, CONFIG, Run
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / CONFIG).is_file() or not (run_dir / "checkpoint.pt").is_file():
-        raise UserError(f"'{run_dir}' is not a run directory with a checkpoint ({CONFIG}, checkpoint.pt)")
-    cfg = from_dict(yaml.safe_load((run_dir / CONFIG).read_text()), source=str(run_dir / CONFIG))
+    if not (run_dir / CONFIG).is_file() or not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"'{run_dir}' is not a run directory with a checkpoint ({CONFIG}, {CHECKPOINT})")
+    cfg = read_run_config(run_dir)
     if args.device:
         cfg.set("run.device", args.device)
     validate(cfg)

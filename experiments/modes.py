@@ -53,10 +53,21 @@ MODES: dict[str, Mode] = {
 }
 
 
-def resolve_mode(train_cfg, model_cfg) -> Mode:
-    if train_cfg.mode not in MODES:
-        raise ConfigError(f"train.mode: unknown value '{train_cfg.mode}' (choices: {', '.join(MODES)})")
-    mode = MODES[train_cfg.mode]
-    if model_cfg.meta == "none" and "meta" in mode.levels:
+def resolve_mode(cfg) -> Mode:
+    """The mode the config asks for, after refusing settings that would silently do nothing in it."""
+    t, m = cfg.train, cfg.model
+    if t.mode not in MODES:
+        raise ConfigError(f"train.mode: unknown value '{t.mode}' (choices: {', '.join(MODES)})")
+    mode = MODES[t.mode]
+    if m.meta == "none" and "meta" in mode.levels:
         mode = mode.without("meta")
+    if not mode.generates and t.allocator != "needs":
+        raise ConfigError(f"train.allocator={t.allocator} has no effect in train.mode={t.mode}, which generates "
+                          f"nothing; drop it or choose a generating mode")
+    if "meta" not in mode.levels and t.gamma != 1.0:
+        raise ConfigError(f"train.gamma weighs W1's loss in A's objective, but this run has no meta level "
+                          f"(train.mode={t.mode}, model.meta={m.meta}); drop it")
+    if m.tie_encoders and len({"w2", "disc"} & set(mode.levels)) == 0:
+        raise ConfigError(f"model.tie_encoders shares W1's encoder with W2 and H, which train.mode={t.mode} "
+                          f"does not have; drop it")
     return mode

@@ -2,15 +2,19 @@
 
     run_dir/config.yaml       the resolved config
     run_dir/train_log.csv     one row per epoch (validation accuracy, losses, temperature)
-    run_dir/checkpoint.pt     everything needed to resume
+    run_dir/checkpoint.pt     everything needed to resume (the one before it: checkpoint.pt.prev)
+    run_dir/seeds.json        the seed behind every random choice of the run
     run_dir/metrics.json      written last: its presence marks a finished run
     run_dir/report.md, *.png  tables, plots and sample grids
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import random
+import signal
 import time
 from pathlib import Path
 
@@ -19,20 +23,22 @@ import torch
 import yaml
 
 from mlo.budget import temperature
-from mlo.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from mlo.config import Config
+from mlo.checkpoint import atomic_write, existing_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
+from mlo.config import Config, config_diff, from_dict
 from mlo.data import SHOT_RULE, build_longtail
 from mlo.data.loaders import iterate_batches
-from mlo.errors import ConfigError, UserError
+from mlo.errors import ConfigError, NumericalFault, TrainingStopped, UserError
 from mlo.graph import build_engine
 from mlo.metrics import classification_metrics, per_class_accuracy, predict
 from mlo.report import (TABLE3_HEADER, markdown_table, per_class_rows, plot_allocation, plot_per_class_accuracy,
                         save_sample_grid, text_table)
-from mlo.trainer import Phase, Trainer
+from mlo.trainer import Phase, StopRequest, Trainer, stop_on_signals
 from experiments.levels import BuildContext, build_levels
 from experiments.modes import resolve_mode
 
-CHECKPOINT, METRICS, CONFIG, LOG = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv"
+CHECKPOINT, METRICS, CONFIG, LOG, SEEDS = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv", "seeds.json"
+# settings that may change between a checkpoint and its resumption without changing the run
+RESUMABLE_CHANGES = ("run.progress", "run.device", "run.checkpoint_every", "run.name", "run.out_dir")
 EVAL_BATCH = 500
 SAMPLES_PER_CLASS = 8
 
@@ -64,7 +70,7 @@ class Run:
         self.device = resolve_device(cfg.run.device)
         if cfg.train.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
-        self.mode = resolve_mode(cfg.train, cfg.model)
+        self.mode = resolve_mode(cfg)
         self.data = build_longtail(cfg.data)
         self.ctx = BuildContext(cfg, self.data, self.mode, self.device)
         problems = build_levels(self.ctx)
@@ -75,9 +81,12 @@ class Run:
         if self.mode.pretrain_gan and cfg.gan.gan_pretrain_steps:
             phases.append(Phase("GAN pre-training", cfg.gan.gan_pretrain_steps, leaves=["disc"], unroll={"disc": 1}))
         phases.append(Phase(self.mode.name, self.ctx.total_steps, epoch_length=self.ctx.steps_per_epoch))
+        self.stop = StopRequest()
         self.trainer = Trainer(self.engine, phases, progress=cfg.run.progress, on_epoch_end=self.end_epoch,
-                               on_checkpoint=self.save_checkpoint)
+                               on_checkpoint=self.save_checkpoint, checkpoint_every=cfg.run.checkpoint_every,
+                               stop=self.stop, max_faults=cfg.train.max_faults)
         self.elapsed = 0.0          # wall seconds of training, summed over resumes
+        self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
         self.last_epoch: dict[str, dict[str, torch.Tensor]] = {}
         self._clock = time.perf_counter()
 
@@ -112,15 +121,19 @@ class Run:
         self._append_log(row)
         return {k: v for k, v in row.items() if k.endswith("val_acc")}
 
-    def _append_log(self, row: dict) -> None:
+    def _read_log(self) -> list[dict]:
         path = self.run_dir / LOG
-        rows = list(csv.DictReader(path.open())) if path.exists() else []
-        rows.append({k: str(v) for k, v in row.items()})
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        return list(csv.DictReader(path.open())) if path.exists() else []
+
+    def _write_log(self, rows: list[dict]) -> None:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.run_dir / LOG, lambda f: f.write(out.getvalue().encode()))
+
+    def _append_log(self, row: dict) -> None:
+        self._write_log(self._read_log() + [{k: str(v) for k, v in row.items()}])
 
     # ----- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -129,27 +142,52 @@ class Run:
             "trainer": self.trainer.state_dict(),
             "levels": {name: p.level_state() for name, p in self.levels.items()},
             "elapsed": self.elapsed, "last_epoch": self.last_epoch,
+            # the run draws from its own seeded generators; the global states are kept for user levels
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+                    "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])},
         }
 
     def save_checkpoint(self) -> None:
         self._tick()
+        for name, problem in self.levels.items():
+            if not all(torch.isfinite(p).all() for p in problem.module.parameters()):
+                raise NumericalFault(f"level '{name}' has non-finite weights at step {self.engine.global_step}; "
+                                     f"the checkpoint was not overwritten")
         save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+        self.checkpoint_step = self.engine.global_step
 
     def load_checkpoint(self) -> None:
-        state = load_checkpoint(self.run_dir / CHECKPOINT, map_location=self.device)
+        remove_partial_writes(self.run_dir / CHECKPOINT)
+        path = existing_checkpoint(self.run_dir / CHECKPOINT)
+        if path is None:
+            raise UserError(f"no checkpoint in '{self.run_dir}'")
+        state = load_checkpoint(path, map_location=self.device)
+        diff = config_diff(from_dict(state["config"], source=str(path)), self.cfg, ignore=RESUMABLE_CHANGES)
+        if diff:
+            raise UserError(f"checkpoint '{path}' was written with a different config: {'; '.join(diff)}")
         for name, p in self.levels.items():
             p.load_level_state(state["levels"][name])
         self.trainer.load_state_dict(state["trainer"])
         self.elapsed = state["elapsed"]
         self.last_epoch = state["last_epoch"]
-        log = self.run_dir / LOG
-        if log.exists():  # drop epochs logged after the checkpoint; they will be trained again
-            rows = [r for r in csv.DictReader(log.open()) if int(r["global_step"]) <= self.engine.global_step]
-            with log.open("w", newline="") as f:
-                if rows:
-                    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                    writer.writeheader()
-                    writer.writerows(rows)
+        self.checkpoint_step = self.engine.global_step
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"]))
+        random.setstate((3, tuple(rng["python"]), None))
+        # epochs logged after the checkpoint will be trained and logged again
+        self._write_log([r for r in self._read_log() if int(r["global_step"]) <= self.engine.global_step])
+
+    def write_seeds(self) -> None:
+        seeds = {
+            "run.seed": self.cfg.run.seed, "data.split_seed": self.cfg.data.split_seed,
+            "model_init": self.cfg.run.seed,
+            "levels": {name: {"noise": p.seed,
+                              "loaders": [loader.seed for loader in (p.train_data_loader or [])]}
+                       for name, p in self.levels.items()},
+            "samples": self.ctx.seed(99),
+        }
+        atomic_write(self.run_dir / SEEDS, lambda f: f.write(json.dumps(seeds, indent=2).encode()))
 
     # ----- evaluation and outputs --------------------------------------------------------------
     @torch.no_grad()
@@ -232,11 +270,26 @@ class Run:
         return ema(z, classes).cpu()
 
     def execute(self, run_dir: Path, resume: bool = False) -> dict:
+        """Train (from the checkpoint if ``resume``), evaluate, write the outputs.
+
+        SIGINT/SIGTERM finish the current iteration, write a checkpoint and raise ``TrainingStopped``.
+        """
         self.run_dir = Path(run_dir)
         if resume:
             self.load_checkpoint()
+        else:
+            (self.run_dir / LOG).unlink(missing_ok=True)  # from a run killed before its first checkpoint
+        self.write_seeds()
         self._clock = time.perf_counter()
-        self.trainer.run()
+        with stop_on_signals(self.stop):
+            finished = self.trainer.run()
+            if not finished:
+                self.save_checkpoint()
+                name = signal.Signals(self.stop.signal).name
+                raise TrainingStopped(
+                    f"stopped by {name} at step {self.engine.global_step} of {self.trainer.total_iterations}; "
+                    f"checkpoint written; continue with: needsgen run --resume {self.run_dir}",
+                    exit_code=128 + self.stop.signal)
         metrics = self.evaluate()
         self.write_outputs(metrics)
         return metrics

@@ -1,4 +1,8 @@
-"""Checkpoints: written atomically (temp file, fsync, rename), read with ``weights_only=True``."""
+"""Checkpoints: written atomically (temp file, fsync, rename), read with ``weights_only=True``.
+
+The checkpoint being replaced is kept as ``<name>.prev``, so a checkpoint damaged later (a bad
+disk, a partial copy) still leaves the one before it.
+"""
 from __future__ import annotations
 
 import os
@@ -12,8 +16,14 @@ import torch
 from mlo.errors import UserError
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync it, rename it over ``path``."""
+def previous_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
+
+
+def atomic_write(path: str | Path, write, keep_previous: bool = False) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it, rename it over ``path``
+    (first moving an existing ``path`` to ``<path>.prev`` if ``keep_previous``)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -21,6 +31,8 @@ def atomic_write(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -33,7 +45,23 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f), keep_previous=True)
+
+
+def remove_partial_writes(path: str | Path) -> None:
+    """Temp files of writes that a killed process never finished."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        tmp.unlink()
+
+
+def existing_checkpoint(path: str | Path) -> Path | None:
+    """``path``, or its ``.prev`` if a kill fell between the two renames of a save; None if neither."""
+    path = Path(path)
+    for candidate in (path, previous_path(path)):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
@@ -44,5 +72,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint '{path}' is truncated or corrupted ({reason[:120]}); "
-                        f"delete it to start over") from None
+        previous = previous_path(path)
+        keep = (f"; the previous checkpoint '{previous}' is kept: move it over '{path.name}' to resume from it"
+                if previous.is_file() else "; delete it to start over")
+        raise UserError(f"checkpoint '{path}' is truncated or corrupted ({reason[:100]}){keep}") from None

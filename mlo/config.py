@@ -89,6 +89,7 @@ class TrainConfig:
     loss: str = _f("ce", "classification loss")
     gen_per_real: float = _f(1.0, "budget M per epoch, in generated images per real training image", min=0.0)
     precision: str = _f("fp32", "fp32, bf16 or fp16 (fp16 needs CUDA)", choices=("fp32", "bf16", "fp16"))
+    max_faults: int = _f(10, "consecutive non-finite steps of one level (skipped) before the run aborts", min=1)
 
 
 @dataclass
@@ -98,6 +99,8 @@ class RunConfig:
     seed: int = _f(0, "seed of initialisation and of every random draw in training", min=0)
     device: str = _f("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
     progress: bool = _f(True, "show progress bars")
+    checkpoint_every: int = _f(250, "iterations between checkpoints (one is also written at the end and on "
+                                    "SIGINT/SIGTERM); 0: only those", min=0)
 
 
 SECTIONS: dict[str, type] = {
@@ -287,6 +290,9 @@ def validate(cfg: Config) -> None:
     device = cfg.run.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:N, got '{device}'")
+    if cfg.train.temperature_end > cfg.train.temperature_start:
+        raise ConfigError(f"train.temperature_end={cfg.train.temperature_end:g} is above train.temperature_start="
+                          f"{cfg.train.temperature_start:g}: the Gumbel temperature anneals downwards")
     if cfg.run.name is not None and (not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", "..")):
         raise ConfigError(f"run.name: must be a plain folder name, got '{cfg.run.name}'")
 

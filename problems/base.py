@@ -14,10 +14,15 @@ and the parameters. This base makes it so:
    on validation images must not move W1's BN statistics); an evaluation that is not a step (a
    hop, a reference check) changes none, and runs spectral norm without power iterations.
 
+Numerical faults: a step whose loss or gradient is not finite is skipped (no update, and no
+hypergradient hops, which would add a non-finite vector to lower levels' weights) and counted;
+the trainer reports it and aborts after too many in a row.
+
 A subclass is small: ``prepare_batch`` and ``training_step``, sometimes ``forward``.
 """
 from __future__ import annotations
 
+import math
 import zlib
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +40,12 @@ from mlo.data.loaders import derive_seed
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def _finite(tensors) -> bool:
+    """All given tensors (Nones skipped) are finite; one host sync."""
+    tensors = [t for t in tensors if t is not None]
+    return not tensors or bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all())
 
 
 def level_config(*, unroll_steps: int = 1, hypergradient: str = "darts", darts_alpha: float = 0.001,
@@ -94,7 +105,10 @@ class LevelProblem(CompatProblem):
         self.noise = None                # torch.Generator on the device, for prepare_batch
         self._batch_seeds = torch.Generator().manual_seed(self.seed)
         self._own_step = False
+        self._loss_finite = True
         self.records: dict[str, torch.Tensor] = {}
+        self.consecutive_faults = 0
+        self.faults: list[str] = []  # kinds of the faults since the trainer last looked ("loss", "gradient")
 
     # ----- randomness, drawn in get_batch -------------------------------------------------------
     def initialize(self):
@@ -130,11 +144,32 @@ class LevelProblem(CompatProblem):
         self._own_step = True
         try:
             loss, loss_dict = super().get_loss(batch)
-            self.record("loss", torch.tensor(loss_dict["loss"]))
-            self.record("steps", torch.tensor(1.0))
+            self._loss_finite = math.isfinite(loss_dict["loss"])  # Betty already synced for .item()
+            if self._loss_finite:
+                self.record("loss", torch.tensor(loss_dict["loss"]))
+                self.record("steps", torch.tensor(1.0))
             return loss, loss_dict
         finally:
             self._own_step = False
+
+    # ----- numerical faults ---------------------------------------------------------------------
+    def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
+        if not self._loss_finite:
+            return
+        super().backward(loss, params, paths, create_graph=create_graph, retain_graph=retain_graph,
+                         allow_unused=allow_unused)
+
+    def optimizer_step(self, *args, **kwargs):
+        fault = None if self._loss_finite else "loss"
+        # with fp16 the GradScaler itself skips steps with inf gradients (normal while it calibrates)
+        if fault is None and self.scaler is None and not _finite(p.grad for p in self.trainable_parameters()):
+            fault = "gradient"
+        if fault is not None:
+            self.consecutive_faults += 1
+            self.faults.append(fault)
+            return
+        self.consecutive_faults = 0
+        super().optimizer_step(*args, **kwargs)
 
     def record(self, key: str, value: torch.Tensor) -> None:
         """Accumulate a statistic of the level's own steps (never of hops); no host sync."""
@@ -167,7 +202,9 @@ class LevelProblem(CompatProblem):
             "epoch_counter": list(self.epoch_counter or []),
             "loaders": [loader.state_dict() for loader in (self.train_data_loader or [])],
             "noise": self.noise.get_state(), "batch_seeds": self._batch_seeds.get_state(),
-            "records": dict(self.records),
+            "records": dict(self.records), "consecutive_faults": self.consecutive_faults,
+            # hops of an upper level re-run this level on its last batch, possibly from an earlier iteration
+            "cur_batch": self.cur_batch,
         })
         return state
 
@@ -180,6 +217,8 @@ class LevelProblem(CompatProblem):
             for i, (loader, loader_state) in enumerate(zip(self.train_data_loader, state["loaders"])):
                 loader.load_state_dict(loader_state)
                 self.train_data_iterator[i] = iter(loader)
-        self.noise.set_state(state["noise"])
-        self._batch_seeds.set_state(state["batch_seeds"])
+        self.noise.set_state(state["noise"].cpu())  # generator states are CPU byte tensors on any device
+        self._batch_seeds.set_state(state["batch_seeds"].cpu())
         self.records = dict(state["records"])
+        self.consecutive_faults = state["consecutive_faults"]
+        self.cur_batch = state["cur_batch"]
