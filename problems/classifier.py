@@ -5,22 +5,33 @@ import torch
 import torch.nn.functional as F
 
 from mlo.budget import Allocator, keep_weights, logistic_noise, per_class_val_loss, sample_classes, temperature, uniform_noise
+from mlo.losses import ClassificationLoss
 from problems.base import LevelProblem, unwrap
 
 
 class ClassifierProblem(LevelProblem):
-    """W1 (or a vanilla classifier): ``min_W L_cls(W, A, D_tr)``."""
+    """W1 (or a vanilla classifier): ``min_W L_cls(W, A, D_tr)``.
+
+    The loss is told the fraction of training done before the step (``batch["progress"]``, for
+    schedules such as DRW).
+    """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 loss_fn, **kwargs):
+                 loss_fn: ClassificationLoss, total_steps: int, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
         self.loss_fn = loss_fn
+        self.total_steps = total_steps
 
     def forward(self, x):
         return self.module(x, self.shared_neck)
 
+    def get_batch(self):
+        batch = super().get_batch()
+        batch["progress"] = (self._count - 1) / max(1, self.total_steps)  # Betty counted this step already
+        return batch
+
     def training_step(self, batch):
-        return self.loss_fn(self(batch["x"]), batch["y"]).mean()
+        return self.loss_fn(self(batch["x"]), batch["y"], progress=batch["progress"]).mean()
 
 
 class RefinedClassifierProblem(ClassifierProblem):
@@ -32,16 +43,16 @@ class RefinedClassifierProblem(ClassifierProblem):
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 loss_fn, allocator: Allocator, train_counts, gen_per_step: int, lambda_gen: float,
-                 temperatures: tuple[float, float], total_steps: int, **kwargs):
-        super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn, **kwargs)
+                 loss_fn: ClassificationLoss, allocator: Allocator, train_counts, gen_per_step: int,
+                 lambda_gen: float, temperatures: tuple[float, float], total_steps: int, **kwargs):
+        super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn,
+                         total_steps=total_steps, **kwargs)
         self.allocator = allocator
         self.train_counts = torch.as_tensor(train_counts, dtype=torch.float)
         self.num_classes = len(train_counts)
         self.gen_per_step = gen_per_step
         self.lambda_gen = lambda_gen
         self.temperatures = temperatures
-        self.total_steps = total_steps
 
     def prepare_batch(self, data):
         (x, y), (x_val, y_val) = data
@@ -67,8 +78,8 @@ class RefinedClassifierProblem(ClassifierProblem):
         generated = self.gen.module(batch["z"], classes)
         logits = self(torch.cat([batch["x"], generated]))
         n = batch["y"].shape[0]
-        real_loss = self.loss_fn(logits[:n], batch["y"]).mean()
-        gen_loss = (keep * self.loss_fn(logits[n:], classes)).mean()
+        real_loss = self.loss_fn(logits[:n], batch["y"], progress=batch["progress"]).mean()
+        gen_loss = (keep * self.loss_fn(logits[n:], classes, progress=batch["progress"])).mean()
         self.record("generated", F.one_hot(classes, self.num_classes).float().mul(keep[:, None]).sum(0))
         self.record("allocation", p)
         self.record("val_loss", stats.val_loss)
