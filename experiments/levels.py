@@ -87,11 +87,11 @@ class BuildContext:
                             encoder=tied, neck=self.own_neck("disc"))
 
     def loss_fn(self) -> ClassificationLoss:
-        """A fresh loss for each level, so no loss state is shared between classifiers."""
+        """A fresh loss for each level: a loss's statistics (ISDA) belong to one classifier."""
         t = self.cfg.train
         return create_loss(t.loss, self.data.train_counts, focal_gamma=t.focal_gamma, cb_beta=t.cb_beta,
                            logit_adjust_tau=t.logit_adjust_tau, ldam_margin=t.ldam_margin, ldam_scale=t.ldam_scale,
-                           drw_start=t.drw_start).to(self.device)
+                           drw_start=t.drw_start, isda_lambda=t.isda_lambda, feature_dim=self.feature_dim).to(self.device)
 
     # ----- optimisation ------------------------------------------------------------------------
     def classifier_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:

@@ -6,7 +6,9 @@ per-sample losses, so the caller's mean divides by the batch size (Cui et al.'s 
 by the sum of weights as a weighted ``F.cross_entropy`` would.
 
 The call is ``loss(logits, target, progress=p)``, where ``progress`` is the fraction of training
-done before the step (from the batch). A loss is a pure function of its arguments and its
+done before the step (from the batch). Losses with ``needs_features`` (ISDA) also get
+``head_weight=...`` and keep statistics of training features, which the level feeds them through
+``update_statistics`` between its own steps. A loss is a pure function of its arguments and its
 state: Betty re-evaluates it with perturbed weights for finite-difference hypergradients.
 """
 from __future__ import annotations
@@ -29,7 +31,14 @@ def register_loss(name: str):
 
 
 class ClassificationLoss(nn.Module):
-    """Per-sample loss of ``logits`` (N, C) against ``target`` (N,) at training ``progress`` in [0, 1]."""
+    """Per-sample loss of ``logits`` (N, C) against ``target`` (N,) at training ``progress`` in [0, 1].
+
+    Losses with ``needs_features = True`` keep statistics of the training features before the
+    head: they implement ``update_statistics(features, target)``, which the level calls with the
+    (real) training features of its previous own step before the next one, and their forward is
+    also given the head's weight (C, D).
+    """
+    needs_features = False
 
 
 def class_balanced_weights(class_counts: torch.Tensor, beta: float) -> torch.Tensor:
@@ -95,7 +104,7 @@ class LDAMDRW(ClassificationLoss):
     and the class-balanced weights (β = ``cb_beta``) from then on.
 
     The paper uses a cosine (normed) head, whose logits are bounded by 1 and scaled by s. Our head
-    is a plain ``nn.Linear`` (the one every loss shares), and
+    is a plain ``nn.Linear`` (the one every loss shares, and the one ISDA's formula assumes), and
     s multiplies its logits, as many re-implementations on plain heads do: the margins are then
     relative to unbounded logits, so s trades margin strength against logit growth.
     """
@@ -115,8 +124,58 @@ class LDAMDRW(ClassificationLoss):
         return self.drw_weights[target] * ce if progress >= self.drw_start else ce
 
 
+@register_loss("isda")
+class ISDALoss(ClassificationLoss):
+    """Wang et al.'s Implicit Semantic Data Augmentation.
+
+    CE of ``z_j + ½ λ (w_j − w_y)ᵀ Σ_y (w_j − w_y)``, the closed-form upper bound of the expected
+    CE over features drawn from ``N(a, λ Σ_y)``; ``λ = isda_lambda · progress`` ramps up over
+    training, ``Σ_y`` is the covariance of class y's training features before the head.
+
+    The per-class mean and covariance (biased, divided by the count) are buffers merged batch by
+    batch with Chan et al.'s parallel update, which adds the between-batch term, so after any
+    sequence of batches they equal the statistics of all samples seen. They are updated only by
+    ``update_statistics``, between the level's own steps: a step, and every hypergradient hop
+    that re-evaluates it, see the statistics of the batches before it (the paper folds the current
+    batch in first; one batch of lag is the price of a pure loss).
+    """
+    needs_features = True
+
+    def __init__(self, class_counts, feature_dim: int, isda_lambda: float = 0.5):
+        super().__init__()
+        c = len(class_counts)
+        self.strength = isda_lambda
+        self.register_buffer("count", torch.zeros(c))
+        self.register_buffer("mean", torch.zeros(c, feature_dim))
+        self.register_buffer("covariance", torch.zeros(c, feature_dim, feature_dim))
+
+    def forward(self, logits, target, *, progress: float, head_weight) -> torch.Tensor:
+        w = head_weight.float()
+        diff = w[None, :, :] - w[:, None, :]                              # [y, j] = w_j − w_y
+        quadratic = ((diff @ self.covariance) * diff).sum(-1)             # [y, j] = diffᵀ Σ_y diff
+        augmented = logits.float() + 0.5 * self.strength * progress * quadratic[target]
+        return F.cross_entropy(augmented, target, reduction="none")
+
+    @torch.no_grad()
+    def update_statistics(self, features: torch.Tensor, target: torch.Tensor) -> None:
+        f = features.float()
+        one_hot = F.one_hot(target, len(self.count)).float()                # (N, C)
+        n_batch = one_hot.sum(0)
+        mean_batch = (one_hot.T @ f) / n_batch.clamp(min=1)[:, None]
+        centred = f - mean_batch[target]
+        scatter_batch = torch.einsum("nc,nd,ne->cde", one_hot, centred, centred)  # n_b Σ_b per class
+        n_old, n = self.count, self.count + n_batch
+        share_old, share_batch = n_old / n.clamp(min=1), n_batch / n.clamp(min=1)
+        delta = self.mean - mean_batch
+        self.covariance = (n_old[:, None, None] * self.covariance + scatter_batch) / n.clamp(min=1)[:, None, None] \
+            + (share_old * share_batch)[:, None, None] * delta[:, :, None] * delta[:, None, :]
+        self.mean = share_old[:, None] * self.mean + share_batch[:, None] * mean_batch
+        self.count = n
+
+
 def create_loss(name: str, class_counts, **options) -> ClassificationLoss:
-    """The loss ``name``; ``options`` are loss hyper-parameters named as in ``TrainConfig``, of which each loss takes those its constructor names."""
+    """The loss ``name``; ``options`` are loss hyper-parameters named as in ``TrainConfig`` (and
+    ``feature_dim``), of which each loss takes those its constructor names."""
     cls = LOSSES[name]
     accepted = inspect.signature(cls).parameters
     return cls(torch.as_tensor(class_counts, dtype=torch.float), **{k: v for k, v in options.items() if k in accepted})

@@ -13,7 +13,9 @@ class ClassifierProblem(LevelProblem):
     """W1 (or a vanilla classifier): ``min_W L_cls(W, A, D_tr)``.
 
     The loss is told the fraction of training done before the step (``batch["progress"]``, for
-    schedules such as DRW).
+    schedules such as DRW and ISDA's ramp). A loss with feature statistics (ISDA) takes in the
+    real training features of an own step at the start of the next one: the hypergradient hops
+    that re-evaluate a step run after it, and must see the statistics the step saw.
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
@@ -21,17 +23,39 @@ class ClassifierProblem(LevelProblem):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
         self.loss_fn = loss_fn
         self.total_steps = total_steps
+        self.pending_features = None  # (features, labels) of the last own step, not yet in the loss's statistics
 
     def forward(self, x):
         return self.module(x, self.shared_neck)
 
     def get_batch(self):
+        if self.pending_features is not None:
+            self.loss_fn.update_statistics(*self.pending_features)
+            self.pending_features = None
         batch = super().get_batch()
         batch["progress"] = (self._count - 1) / max(1, self.total_steps)  # Betty counted this step already
         return batch
 
+    def per_sample_loss(self, x, y, progress: float, real: int):
+        """Losses of images ``x`` against ``y``; the first ``real`` are training images, whose
+        features a loss with statistics takes in before the next own step (never from a hop)."""
+        if not self.loss_fn.needs_features:
+            return self.loss_fn(self(x), y, progress=progress)
+        logits, features = self.module(x, self.shared_neck, with_features=True)
+        if self._own_step:
+            self.pending_features = (features[:real].detach(), y[:real])
+        return self.loss_fn(logits, y, progress=progress, head_weight=unwrap(self.module).head.weight)
+
     def training_step(self, batch):
-        return self.loss_fn(self(batch["x"]), batch["y"], progress=batch["progress"]).mean()
+        return self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"])).mean()
+
+    def level_state(self):
+        return {**super().level_state(), "loss": self.loss_fn.state_dict(), "pending_features": self.pending_features}
+
+    def load_level_state(self, state):
+        super().load_level_state(state)
+        self.loss_fn.load_state_dict(state["loss"])
+        self.pending_features = state["pending_features"]
 
 
 class RefinedClassifierProblem(ClassifierProblem):
@@ -76,10 +100,11 @@ class RefinedClassifierProblem(ClassifierProblem):
         classes = sample_classes(p, batch["class_uniforms"])
         keep = keep_weights(p[classes], batch["logistic"], batch["temperature"])
         generated = self.gen.module(batch["z"], classes)
-        logits = self(torch.cat([batch["x"], generated]))
         n = batch["y"].shape[0]
-        real_loss = self.loss_fn(logits[:n], batch["y"], progress=batch["progress"]).mean()
-        gen_loss = (keep * self.loss_fn(logits[n:], classes, progress=batch["progress"])).mean()
+        losses = self.per_sample_loss(torch.cat([batch["x"], generated]), torch.cat([batch["y"], classes]),
+                                      batch["progress"], real=n)
+        real_loss = losses[:n].mean()
+        gen_loss = (keep * losses[n:]).mean()
         self.record("generated", F.one_hot(classes, self.num_classes).float().mul(keep[:, None]).sum(0))
         self.record("allocation", p)
         self.record("val_loss", stats.val_loss)

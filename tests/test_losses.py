@@ -1,5 +1,5 @@
-"""The long-tail losses against their formulas and their schedules, and every loss in tiny runs
-of both modes, with training steps that stay pure for the hypergradients."""
+"""The long-tail losses against their formulas, their schedules, ISDA's online statistics, and
+every loss in tiny runs of both modes, with training steps that stay pure for the hypergradients."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mlo.checkpoint import load_checkpoint, save_checkpoint
 from mlo.config import help_text
 from mlo.losses import LOSSES, class_balanced_weights, create_loss
 from mlo.trainer import Phase, Trainer
@@ -93,6 +94,57 @@ def test_ldam_drw_against_its_formula_and_the_deferred_reweighting_switch():
     assert torch.allclose(loss(logits, y, progress=1.0), drw)
 
 
+def _feature_batches():
+    """Batches of different sizes, some missing a class, with class-dependent means."""
+    gen = torch.Generator().manual_seed(1)
+    for n, classes in ((7, (0, 1)), (12, (0, 1, 2)), (1, (2,)), (9, (1, 2)), (15, (0, 1, 2))):
+        y = torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=gen)]
+        yield torch.randn(n, 5, generator=gen) + 3 * y[:, None].float(), y
+
+
+def test_isda_online_statistics_equal_those_of_all_samples_seen():
+    loss = create_loss("isda", torch.tensor([30.0, 20.0, 10.0]), feature_dim=5)
+    batches = list(_feature_batches())
+    for features, y in batches:
+        loss.update_statistics(features, y)
+    features = torch.cat([f for f, _ in batches]).double()
+    y = torch.cat([y for _, y in batches])
+    for c in range(3):
+        mine = features[y == c]
+        assert loss.count[c].item() == len(mine)
+        assert torch.allclose(loss.mean[c].double(), mine.mean(0), atol=1e-5)
+        assert torch.allclose(loss.covariance[c].double(), torch.cov(mine.T, correction=0), atol=1e-5)
+
+
+def test_isda_against_its_formula():
+    features, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    loss = create_loss("isda", torch.tensor([30.0, 20.0, 10.0]), feature_dim=5, isda_lambda=0.7)
+    for f, labels in _feature_batches():
+        loss.update_statistics(f, labels)
+    head = torch.nn.Linear(5, 3)
+    logits, w = head(features), head.weight
+    progress = 0.4
+    expected = []
+    for i in range(len(y)):
+        sigma, wy = loss.covariance[y[i]], w[y[i]]
+        aug = torch.stack([logits[i, j] + 0.5 * 0.7 * progress * (w[j] - wy) @ sigma @ (w[j] - wy) for j in range(3)])
+        expected.append(F.cross_entropy(aug[None], y[i:i + 1]))
+    got = loss(logits, y, progress=progress, head_weight=w)
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+    assert not torch.allclose(got, F.cross_entropy(logits, y, reduction="none"))  # the augmentation matters
+
+
+def test_isda_with_zero_lambda_is_cross_entropy():
+    features, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    head = torch.nn.Linear(5, 3)
+    ce = F.cross_entropy(head(features), y, reduction="none")
+    for strength, progress in ((0.0, 0.5), (0.5, 0.0)):
+        loss = create_loss("isda", torch.tensor([30.0, 20.0, 10.0]), feature_dim=5, isda_lambda=strength)
+        for f, labels in _feature_batches():
+            loss.update_statistics(f, labels)
+        assert torch.allclose(loss(head(features), y, progress=progress, head_weight=head.weight), ce)
+
+
 @pytest.mark.parametrize("mode", ["end2end", "vanilla"])
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_every_loss_trains_in_both_modes(name, mode):
@@ -108,8 +160,54 @@ def test_every_loss_trains_in_both_modes(name, mode):
         assert run.levels["meta"].pop_records()["steps"].item() == 1  # its hops re-ran every loss
 
 
+def test_isda_statistics_belong_to_each_classifier_and_count_real_training_images_only():
+    run = build_run("train.loss=isda", "train.meta_every=2")
+    Trainer(run.engine, [Phase("tiny", 3)], progress=False).run()
+    w1, w2 = run.levels["w1"], run.levels["w2"]
+    assert w1.loss_fn is not w2.loss_fn
+    batch = run.cfg.train.batch_size
+    for level in (w1, w2):  # the features of steps 1 and 2 are folded in; those of step 3 wait
+        assert level.loss_fn.count.sum().item() == 2 * batch
+        assert level.pending_features[0].shape[0] == batch
+    assert not torch.allclose(w1.loss_fn.covariance, w2.loss_fn.covariance)
+
+
+def test_re_evaluating_a_step_changes_no_loss_state():
+    """What a hop does: the same batch again, with the level's state and value unchanged."""
+    run = build_run("train.loss=isda", "train.mode=vanilla", "train.isda_lambda=50")
+    Trainer(run.engine, [Phase("tiny", 3)], progress=False).run()
+    w1 = run.levels["w1"]
+    state = {k: v.clone() for k, v in w1.loss_fn.state_dict().items()}
+    pending = w1.pending_features[0].clone()
+    first = w1.training_step_exec(w1.cur_batch)
+    assert torch.equal(first, w1.training_step_exec(w1.cur_batch))
+    assert all(torch.equal(v, state[k]) for k, v in w1.loss_fn.state_dict().items())
+    assert torch.equal(w1.pending_features[0], pending)
+
+
+def test_isda_statistics_survive_a_checkpoint(tmp_path):
+    def tiny_run():
+        return build_run("train.loss=isda", "train.mode=vanilla", "train.isda_lambda=50")
+
+    run = tiny_run()
+    Trainer(run.engine, [Phase("tiny", 3)], progress=False).run()
+    w1 = run.levels["w1"]
+    save_checkpoint(tmp_path / "ckpt.pt", {"w1": w1.level_state()})
+    resumed = tiny_run()
+    resumed.levels["w1"].load_level_state(load_checkpoint(tmp_path / "ckpt.pt")["w1"])
+    r1 = resumed.levels["w1"]
+    for key, value in w1.loss_fn.state_dict().items():
+        assert torch.equal(r1.loss_fn.state_dict()[key], value), key
+    assert all(torch.equal(a, b) for a, b in zip(r1.pending_features, w1.pending_features))
+    for r in (run, resumed):  # the next step folds the pending features in and trains identically
+        Trainer(r.engine, [Phase("one more", 1)], progress=False).run()
+    assert torch.equal(r1.loss_fn.covariance, w1.loss_fn.covariance)
+    assert torch.equal(r1.pop_records()["loss"], w1.pop_records()["loss"])
+
+
 @pytest.mark.parametrize("overrides", [
     ("train.loss=ldam_drw", "train.drw_start=0.03"),  # re-weighting starts at the third of four steps
+    ("train.loss=isda", "train.isda_lambda=20"),      # λ ≈ 1 by the fourth step
 ])
 def test_losses_keep_the_hypergradient_exact(overrides):
     run = build_run(*SMOOTH, "train.meta_every=2", *overrides)
@@ -124,5 +222,5 @@ def test_help_lists_every_loss_and_its_keys():
     loss_help = next(line for line in help_text().splitlines() if line.strip().startswith("train.loss="))
     for name in LOSSES:
         assert name in loss_help, name
-    for key in ("focal_gamma", "cb_beta", "logit_adjust_tau", "ldam_margin", "ldam_scale", "drw_start"):
+    for key in ("focal_gamma", "cb_beta", "logit_adjust_tau", "ldam_margin", "ldam_scale", "drw_start", "isda_lambda"):
         assert f"train.{key}=" in help_text(), key
