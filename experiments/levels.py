@@ -14,7 +14,7 @@ from mlo.budget import create_allocator
 from mlo.config import Config
 from mlo.data import LongTailData
 from mlo.data.loaders import BalancedLoader, TensorLoader, derive_seed
-from mlo.losses import create_loss
+from mlo.losses import ClassificationLoss, create_loss
 from mlo.models import Classifier, MetaBlock, create_model
 from mlo.models.gan import GAN
 from mlo.models.gan.diffaugment import parse_policy
@@ -86,9 +86,12 @@ class BuildContext:
                             num_classes=self.num_classes, feature_dim=self.feature_dim, cfg=self.cfg.gan,
                             encoder=tied, neck=self.own_neck("disc"))
 
-    @cached_property
-    def loss_fn(self) -> nn.Module:
-        return create_loss(self.cfg.train.loss, self.data.train_counts).to(self.device)
+    def loss_fn(self) -> ClassificationLoss:
+        """A fresh loss for each level: a loss's statistics (ISDA) belong to one classifier."""
+        t = self.cfg.train
+        return create_loss(t.loss, self.data.train_counts, focal_gamma=t.focal_gamma, cb_beta=t.cb_beta,
+                           logit_adjust_tau=t.logit_adjust_tau, ldam_margin=t.ldam_margin, ldam_scale=t.ldam_scale,
+                           drw_start=t.drw_start, isda_lambda=t.isda_lambda, feature_dim=self.feature_dim).to(self.device)
 
     # ----- optimisation ------------------------------------------------------------------------
     def classifier_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
@@ -129,7 +132,7 @@ def build_w1(ctx: BuildContext) -> ClassifierProblem:
     module = ctx.classifier("w1")
     optimizer = ctx.classifier_optimizer(module)
     return ClassifierProblem("w1", ctx.level_config("w1"), module, optimizer, ctx.classifier_scheduler(optimizer),
-                             ctx.train_loader(1), loss_fn=ctx.loss_fn, **ctx.common("w1"))
+                             ctx.train_loader(1), loss_fn=ctx.loss_fn(), total_steps=ctx.total_steps, **ctx.common("w1"))
 
 
 def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
@@ -138,7 +141,7 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
     optimizer = ctx.classifier_optimizer(module)
     return RefinedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader(2), ctx.val_loader(3)), loss_fn=ctx.loss_fn, allocator=create_allocator(t.allocator),
+        (ctx.train_loader(2), ctx.val_loader(3)), loss_fn=ctx.loss_fn(), allocator=create_allocator(t.allocator),
         train_counts=ctx.data.train_counts, gen_per_step=max(1, round(t.batch_size * t.gen_per_real)),
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
         total_steps=ctx.total_steps, **ctx.common("w2"))

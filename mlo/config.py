@@ -86,7 +86,19 @@ class TrainConfig:
     temperature_start: float = _f(1.0, "Gumbel-softmax temperature at the start", min=1e-6)
     temperature_end: float = _f(0.1, "Gumbel-softmax temperature at the end (exponential anneal)", min=1e-6)
     allocator: str = _f("needs", "how the generation budget is split between classes")
-    loss: str = _f("ce", "classification loss")
+    loss: str = _f("ce", "classification loss of W1 and W2: ce, focal, cb (class-balanced), balanced_softmax, "
+                         "ldam_drw, isda")
+    focal_gamma: float = _f(2.0, "focal: focusing exponent gamma of (1 - p_y)^gamma (0 is CE)", min=0.0)
+    cb_beta: float = _f(0.9999, "cb and ldam_drw's re-weighting: beta of the weights (1 - beta)/(1 - beta^n_c), "
+                                "in [0, 1)", min=0.0, max=1.0)
+    logit_adjust_tau: float = _f(1.0, "balanced_softmax: training logits + tau * log(n_c / N) (1 is balanced softmax)",
+                                 min=0.0)
+    ldam_margin: float = _f(0.5, "ldam_drw: margin of the rarest class (margins proportional to n_c^(-1/4))", min=0.0)
+    ldam_scale: float = _f(30.0, "ldam_drw: factor s on the logits of the (plain linear) head", min=1e-6)
+    drw_start: float = _f(0.8, "ldam_drw: fraction of training after which class-balanced re-weighting starts",
+                          min=0.0, max=1.0)
+    isda_lambda: float = _f(0.5, "isda: augmentation strength lambda_0, ramped as lambda_0 * fraction of training done",
+                            min=0.0)
     gen_per_real: float = _f(1.0, "budget M per epoch, in generated images per real training image", min=0.0)
     precision: str = _f("fp32", "fp32, bf16 or fp16 (fp16 needs CUDA)", choices=("fp32", "bf16", "fp16"))
     max_faults: int = _f(10, "consecutive non-finite steps of one level (skipped) before the run aborts", min=1)
@@ -277,6 +289,8 @@ def validate(cfg: Config) -> None:
     choice("gan.generator", cfg.gan.generator, list_models("gan"))
     choice("train.allocator", cfg.train.allocator, ALLOCATORS)
     choice("train.loss", cfg.train.loss, LOSSES)
+    if cfg.train.cb_beta >= 1.0:
+        raise ConfigError(f"train.cb_beta: must be < 1 (at 1 the weights are 0/0), got {cfg.train.cb_beta}")
     if len(cfg.gan.gan_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.gan.gan_betas):
         raise ConfigError(f"gan.gan_betas: expected two numbers in [0, 1), got {cfg.gan.gan_betas}")
     if sorted(cfg.train.lr_milestones) != cfg.train.lr_milestones or any(

@@ -5,22 +5,57 @@ import torch
 import torch.nn.functional as F
 
 from mlo.budget import Allocator, keep_weights, logistic_noise, per_class_val_loss, sample_classes, temperature, uniform_noise
+from mlo.losses import ClassificationLoss
 from problems.base import LevelProblem, unwrap
 
 
 class ClassifierProblem(LevelProblem):
-    """W1 (or a vanilla classifier): ``min_W L_cls(W, A, D_tr)``."""
+    """W1 (or a vanilla classifier): ``min_W L_cls(W, A, D_tr)``.
+
+    The loss is told the fraction of training done before the step (``batch["progress"]``, for
+    schedules such as DRW and ISDA's ramp). A loss with feature statistics (ISDA) takes in the
+    real training features of an own step at the start of the next one: the hypergradient hops
+    that re-evaluate a step run after it, and must see the statistics the step saw.
+    """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 loss_fn, **kwargs):
+                 loss_fn: ClassificationLoss, total_steps: int, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
         self.loss_fn = loss_fn
+        self.total_steps = total_steps
+        self.pending_features = None  # (features, labels) of the last own step, not yet in the loss's statistics
 
     def forward(self, x):
         return self.module(x, self.shared_neck)
 
+    def get_batch(self):
+        if self.pending_features is not None:
+            self.loss_fn.update_statistics(*self.pending_features)
+            self.pending_features = None
+        batch = super().get_batch()
+        batch["progress"] = (self._count - 1) / max(1, self.total_steps)  # Betty counted this step already
+        return batch
+
+    def per_sample_loss(self, x, y, progress: float, real: int):
+        """Losses of images ``x`` against ``y``; the first ``real`` are training images, whose
+        features a loss with statistics takes in before the next own step (never from a hop)."""
+        if not self.loss_fn.needs_features:
+            return self.loss_fn(self(x), y, progress=progress)
+        logits, features = self.module(x, self.shared_neck, with_features=True)
+        if self._own_step:
+            self.pending_features = (features[:real].detach(), y[:real])
+        return self.loss_fn(logits, y, progress=progress, head_weight=unwrap(self.module).head.weight)
+
     def training_step(self, batch):
-        return self.loss_fn(self(batch["x"]), batch["y"]).mean()
+        return self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"])).mean()
+
+    def level_state(self):
+        return {**super().level_state(), "loss": self.loss_fn.state_dict(), "pending_features": self.pending_features}
+
+    def load_level_state(self, state):
+        super().load_level_state(state)
+        self.loss_fn.load_state_dict(state["loss"])
+        self.pending_features = state["pending_features"]
 
 
 class RefinedClassifierProblem(ClassifierProblem):
@@ -32,16 +67,16 @@ class RefinedClassifierProblem(ClassifierProblem):
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 loss_fn, allocator: Allocator, train_counts, gen_per_step: int, lambda_gen: float,
-                 temperatures: tuple[float, float], total_steps: int, **kwargs):
-        super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn, **kwargs)
+                 loss_fn: ClassificationLoss, allocator: Allocator, train_counts, gen_per_step: int,
+                 lambda_gen: float, temperatures: tuple[float, float], total_steps: int, **kwargs):
+        super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn,
+                         total_steps=total_steps, **kwargs)
         self.allocator = allocator
         self.train_counts = torch.as_tensor(train_counts, dtype=torch.float)
         self.num_classes = len(train_counts)
         self.gen_per_step = gen_per_step
         self.lambda_gen = lambda_gen
         self.temperatures = temperatures
-        self.total_steps = total_steps
 
     def prepare_batch(self, data):
         (x, y), (x_val, y_val) = data
@@ -65,10 +100,11 @@ class RefinedClassifierProblem(ClassifierProblem):
         classes = sample_classes(p, batch["class_uniforms"])
         keep = keep_weights(p[classes], batch["logistic"], batch["temperature"])
         generated = self.gen.module(batch["z"], classes)
-        logits = self(torch.cat([batch["x"], generated]))
         n = batch["y"].shape[0]
-        real_loss = self.loss_fn(logits[:n], batch["y"]).mean()
-        gen_loss = (keep * self.loss_fn(logits[n:], classes)).mean()
+        losses = self.per_sample_loss(torch.cat([batch["x"], generated]), torch.cat([batch["y"], classes]),
+                                      batch["progress"], real=n)
+        real_loss = losses[:n].mean()
+        gen_loss = (keep * losses[n:]).mean()
         self.record("generated", F.one_hot(classes, self.num_classes).float().mul(keep[:, None]).sum(0))
         self.record("allocation", p)
         self.record("val_loss", stats.val_loss)

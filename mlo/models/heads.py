@@ -43,5 +43,8 @@ class Classifier(nn.Module):
         h = self.encoder(x)
         return neck(h, self.stream) if neck is not None else h
 
-    def forward(self, x: torch.Tensor, shared_neck: MetaBlock | None = None) -> torch.Tensor:
-        return self.head(self.features(x, shared_neck))
+    def forward(self, x: torch.Tensor, shared_neck: MetaBlock | None = None, with_features: bool = False):
+        """Logits, or ``(logits, features before the head)`` for losses that read features (ISDA)."""
+        features = self.features(x, shared_neck)
+        logits = self.head(features)
+        return (logits, features) if with_features else logits
