@@ -44,11 +44,20 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = _f("small_cnn", "classifier encoder, by registered name")
-    width: int = _f(32, "base width of the encoder", min=1)
+    encoder: str = _f("small_cnn", "classifier encoder: a registered name (small_cnn, resnet32) or "
+                                   "timm:<name> for any timm model (timm:resnet50, timm:vit_base_patch16_224)")
+    width: int = _f(32, "base width of the encoder (the small encoders only)", min=1)
     meta: str = _f("block", "shared meta-parameters A: block (trained on D_val) or none (ablation)",
                    choices=("block", "none"))
-    tie_encoders: bool = _f(False, "W1, W2 and H share one encoder (parameter tying)")
+    tie_encoders: bool | None = _f(None, "W1, W2 and H share one encoder (parameter tying); "
+                                         "null: on for timm backbones, off for the small encoders")
+    pretrained_path: str | None = _f(None, "local weights file for the encoder (a state_dict saved with "
+                                           "torch.save); nothing is downloaded")
+
+    @property
+    def encoders_tied(self) -> bool:
+        """``tie_encoders`` with null resolved: large (timm) backbones are shared, small ones are not."""
+        return self.encoder.startswith("timm:") if self.tie_encoders is None else self.tie_encoders
 
 
 @dataclass
@@ -261,7 +270,7 @@ def validate(cfg: Config) -> None:
     from mlo.budget import ALLOCATORS
     from mlo.data.sources import SOURCES
     from mlo.losses import LOSSES
-    from mlo.models import list_models
+    from mlo.models import list_models, unknown_model
 
     def choice(key: str, value: str, names) -> None:
         if value not in names:
@@ -270,7 +279,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: unknown value '{value}' ({hint}choices: {', '.join(sorted(names))})")
 
     choice("data.dataset", cfg.data.dataset, SOURCES)
-    choice("model.encoder", cfg.model.encoder, list_models("encoder"))
+    reason = unknown_model("encoder", cfg.model.encoder)
+    if reason:
+        raise ConfigError(f"model.encoder: {reason}")
     choice("gan.generator", cfg.gan.generator, list_models("gan"))
     choice("train.allocator", cfg.train.allocator, ALLOCATORS)
     choice("train.loss", cfg.train.loss, LOSSES)
