@@ -13,7 +13,7 @@ import torch.nn as nn
 from mlo.budget import create_allocator
 from mlo.config import Config
 from mlo.data import LongTailData
-from mlo.data.loaders import BalancedLoader, TensorLoader, derive_seed
+from mlo.data.loaders import derive_seed, make_loader
 from mlo.losses import create_loss
 from mlo.models import Classifier, MetaBlock, create_model
 from mlo.models.encoders import load_encoder_weights
@@ -118,15 +118,15 @@ class BuildContext:
         return {"seed": self.cfg.run.seed, "ready_on": list(self.mode.ready_on[name]) if name in self.mode.ready_on else None}
 
     # ----- data --------------------------------------------------------------------------------
-    def train_loader(self, key: int) -> TensorLoader:
+    def train_loader(self, key: int):
         d = self.data
-        return TensorLoader(d.train_images, d.train_labels, self.cfg.train.batch_size, self.seed(key),
-                            augment=self.cfg.data.augment, device=self.device)
+        return make_loader("shuffle", d.train_images, d.train_labels, self.cfg.train.batch_size, seed=self.seed(key),
+                           augment=self.cfg.data.augment, device=self.device, workers=self.cfg.data.num_workers)
 
-    def val_loader(self, key: int) -> BalancedLoader:
+    def val_loader(self, key: int):
         d = self.data
-        per_class = max(1, self.cfg.data.val_batch_size // self.num_classes)
-        return BalancedLoader(d.val_images, d.val_labels, per_class, self.seed(key), device=self.device)
+        return make_loader("balanced", d.val_images, d.val_labels, self.cfg.data.val_batch_size, seed=self.seed(key),
+                           device=self.device, workers=self.cfg.data.num_workers)
 
 
 def build_w1(ctx: BuildContext) -> ClassifierProblem:

@@ -105,7 +105,8 @@ def test_tying_is_on_by_default_for_timm_and_off_for_small_encoders():
 
 
 def test_two_mlo_iterations_with_a_timm_encoder_on_digits():
-    run = build_run("model.encoder=timm:test_resnet", "train.meta_every=2")  # timm's 0.4M-parameter test net
+    # timm's own 0.4M-parameter test network: a real timm ResNet, cheap enough for two CPU cores
+    run = build_run("model.encoder=timm:test_resnet", "train.batch_size=8", "train.meta_every=2")
     encoder = run.levels["w1"].module.encoder
     before = parameters_to_vector(encoder.parameters()).detach().clone()
     Trainer(run.engine, [Phase("timm", 2)], progress=False).run()
