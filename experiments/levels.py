@@ -13,9 +13,10 @@ import torch.nn as nn
 from mlo.budget import create_allocator
 from mlo.config import Config
 from mlo.data import LongTailData
-from mlo.data.loaders import BalancedLoader, TensorLoader, derive_seed
+from mlo.data.loaders import derive_seed, make_loader
 from mlo.losses import ClassificationLoss, create_loss
 from mlo.models import Classifier, MetaBlock, create_model
+from mlo.models.encoders import load_encoder_weights
 from mlo.models.gan import GAN
 from mlo.models.gan.diffaugment import parse_policy
 from problems import (ClassifierProblem, DiscriminatorProblem, GeneratorProblem, MetaProblem,
@@ -52,11 +53,14 @@ class BuildContext:
     def encoder(self) -> nn.Module:
         m = self.cfg.model
         channels, size, _ = self.data.image_shape
-        return create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width)
+        encoder = create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width)
+        if m.pretrained_path:
+            load_encoder_weights(encoder, m.pretrained_path)
+        return encoder
 
     @cached_property
     def w1_encoder(self) -> nn.Module:
-        """W1's encoder; with ``tie_encoders`` also W2's and H's."""
+        """W1's encoder; with tied encoders also W2's and H's."""
         return self.encoder()
 
     @property
@@ -76,12 +80,12 @@ class BuildContext:
         return None if self.has_meta else MetaBlock(self.feature_dim, (stream,))
 
     def classifier(self, stream: str) -> Classifier:
-        encoder = self.w1_encoder if (self.cfg.model.tie_encoders or stream == "w1") else self.encoder()
+        encoder = self.w1_encoder if (self.cfg.model.encoders_tied or stream == "w1") else self.encoder()
         return Classifier(encoder, self.num_classes, stream, neck=self.own_neck(stream))
 
     @cached_property
     def gan(self) -> GAN:
-        tied = self.w1_encoder if self.cfg.model.tie_encoders else None
+        tied = self.w1_encoder if self.cfg.model.encoders_tied else None
         return create_model("gan", self.cfg.gan.generator, image_shape=self.data.image_shape,
                             num_classes=self.num_classes, feature_dim=self.feature_dim, cfg=self.cfg.gan,
                             encoder=tied, neck=self.own_neck("disc"))
@@ -117,15 +121,15 @@ class BuildContext:
         return {"seed": self.cfg.run.seed, "ready_on": list(self.mode.ready_on[name]) if name in self.mode.ready_on else None}
 
     # ----- data --------------------------------------------------------------------------------
-    def train_loader(self, key: int) -> TensorLoader:
+    def train_loader(self, key: int):
         d = self.data
-        return TensorLoader(d.train_images, d.train_labels, self.cfg.train.batch_size, self.seed(key),
-                            augment=self.cfg.data.augment, device=self.device)
+        return make_loader("shuffle", d.train_images, d.train_labels, self.cfg.train.batch_size, seed=self.seed(key),
+                           augment=self.cfg.data.augment, device=self.device, workers=self.cfg.data.num_workers)
 
-    def val_loader(self, key: int) -> BalancedLoader:
+    def val_loader(self, key: int):
         d = self.data
-        per_class = max(1, self.cfg.data.val_batch_size // self.num_classes)
-        return BalancedLoader(d.val_images, d.val_labels, per_class, self.seed(key), device=self.device)
+        return make_loader("balanced", d.val_images, d.val_labels, self.cfg.data.val_batch_size, seed=self.seed(key),
+                           device=self.device, workers=self.cfg.data.num_workers)
 
 
 def build_w1(ctx: BuildContext) -> ClassifierProblem:

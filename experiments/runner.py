@@ -26,7 +26,7 @@ from mlo.budget import temperature
 from mlo.checkpoint import atomic_write, existing_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from mlo.config import Config, config_diff, from_dict
 from mlo.data import SHOT_RULE, build_longtail
-from mlo.data.loaders import iterate_batches
+from mlo.data.loaders import make_loader
 from mlo.errors import ConfigError, NumericalFault, TrainingStopped, UserError
 from mlo.graph import build_engine
 from mlo.metrics import classification_metrics, per_class_accuracy, predict
@@ -101,7 +101,8 @@ class Run:
 
     @torch.no_grad()
     def accuracy(self, problem, images, labels) -> np.ndarray:
-        logits, y = predict(problem, iterate_batches(images, labels, EVAL_BATCH, self.device))
+        batches = make_loader("sequential", images, labels, EVAL_BATCH, device=self.device, workers=self.cfg.data.num_workers)
+        logits, y = predict(problem, batches)
         return per_class_accuracy(logits, y, self.data.num_classes)
 
     def end_epoch(self, phase: Phase, epoch: int) -> dict:
@@ -195,7 +196,9 @@ class Run:
         self.engine.eval()
         test = {}
         for name, problem in self.classifiers().items():
-            logits, y = predict(problem, iterate_batches(self.data.test_images, self.data.test_labels, EVAL_BATCH, self.device))
+            batches = make_loader("sequential", self.data.test_images, self.data.test_labels, EVAL_BATCH,
+                                  device=self.device, workers=self.cfg.data.num_workers)
+            logits, y = predict(problem, batches)
             test[name] = classification_metrics(logits, y, self.data.train_counts)
         final = "w2" if "w2" in test else "w1"
         iterations = self.ctx.total_steps

@@ -30,25 +30,46 @@ def _f(default, help: str, **checks):
 @dataclass
 class DataConfig:
     dataset: str = _f("digits", "data source: digits, fmnist, cifar10, cifar100, imagenet_lt")
-    data_root: str | None = _f(None, "folder holding the data (default: ~/.cache/needsgen)")
+    data_root: str | None = _f(None, "folder holding the data (default: ~/.cache/needsgen); "
+                                     "for imagenet_lt the ImageNet root, with train/ and val/")
+    split_dir: str | None = _f(None, "imagenet_lt: folder holding ImageNet_LT_train/val/test.txt (default: data_root)")
     download: bool = _f(False, "download the dataset if it is missing (needs a network)")
     verify_checksums: bool = _f(True, "check the md5 sums of torchvision's dataset files")
-    imbalance_factor: float = _f(10.0, "n_max / n_min of the long-tailed training set", min=1.0)
-    n_max: int | None = _f(None, "images of the largest class (default: the smallest class pool)", min=1)
-    val_per_class: int = _f(10, "balanced validation images per class, taken before the long-tail cut", min=1)
+    image_size: int | None = _f(None, "side of the images the networks see; in-memory sources are resized once "
+                                      "at load. null: the source's own (required for imagenet_lt, e.g. 64 or 128)",
+                                min=1)
+    imbalance_factor: float = _f(10.0, "n_max / n_min of the long-tailed training set "
+                                       "(not for imagenet_lt: its split files fix the long tail)", min=1.0)
+    n_max: int | None = _f(None, "images of the largest class (default: the smallest class pool; "
+                                 "not for imagenet_lt)", min=1)
+    val_per_class: int = _f(10, "balanced validation images per class, taken before the long-tail cut "
+                                "(not for imagenet_lt: ImageNet_LT_val.txt is its validation set)", min=1)
     test_per_class: int = _f(50, "digits only: balanced test images per class held out", min=1)
-    split_seed: int = _f(0, "seed of the long-tail shuffle and the validation split", min=0)
-    augment: str = _f("none", "training augmentation on the device", choices=("none", "crop", "crop_flip"))
+    split_seed: int = _f(0, "seed of the long-tail shuffle and the validation split (unused by imagenet_lt)", min=0)
+    augment: str = _f("none", "training augmentation: pad-and-crop (and flip) on the device for in-memory "
+                              "sources, RandomResizedCrop (and flip) for imagenet_lt",
+                      choices=("none", "crop", "crop_flip"))
     val_batch_size: int = _f(100, "class-balanced validation batch for the meta level and p(s)", min=1)
+    num_workers: int = _f(0, "processes decoding images per loader of a file-backed source (imagenet_lt); "
+                             "0: in the main process", min=0)
 
 
 @dataclass
 class ModelConfig:
-    encoder: str = _f("small_cnn", "classifier encoder, by registered name")
-    width: int = _f(32, "base width of the encoder", min=1)
+    encoder: str = _f("small_cnn", "classifier encoder: a registered name (small_cnn, resnet32) or "
+                                   "timm:<name> for any timm model (timm:resnet50, timm:vit_base_patch16_224)")
+    width: int = _f(32, "base width of the encoder (the small encoders only)", min=1)
     meta: str = _f("block", "shared meta-parameters A: block (trained on D_val) or none (ablation)",
                    choices=("block", "none"))
-    tie_encoders: bool = _f(False, "W1, W2 and H share one encoder (parameter tying)")
+    tie_encoders: bool | None = _f(None, "W1, W2 and H share one encoder (parameter tying); "
+                                         "null: on for timm backbones, off for the small encoders")
+    pretrained_path: str | None = _f(None, "local weights file for the encoder (a state_dict saved with "
+                                           "torch.save); nothing is downloaded")
+
+    @property
+    def encoders_tied(self) -> bool:
+        """``tie_encoders`` with null resolved: large (timm) backbones are shared, small ones are not."""
+        return self.encoder.startswith("timm:") if self.tie_encoders is None else self.tie_encoders
 
 
 @dataclass
@@ -276,7 +297,7 @@ def validate(cfg: Config) -> None:
     from mlo.budget import ALLOCATORS
     from mlo.data.sources import SOURCES
     from mlo.losses import LOSSES
-    from mlo.models import list_models
+    from mlo.models import list_models, unknown_model
 
     def choice(key: str, value: str, names) -> None:
         if value not in names:
@@ -285,7 +306,18 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: unknown value '{value}' ({hint}choices: {', '.join(sorted(names))})")
 
     choice("data.dataset", cfg.data.dataset, SOURCES)
-    choice("model.encoder", cfg.model.encoder, list_models("encoder"))
+    if cfg.data.dataset == "imagenet_lt":
+        if cfg.data.image_size is None:
+            raise ConfigError("data.image_size: required for imagenet_lt (e.g. 64 or 128), the side its images "
+                              "are cropped to")
+        defaults = DataConfig()
+        for name in ("imbalance_factor", "n_max", "val_per_class"):
+            if getattr(cfg.data, name) != getattr(defaults, name):
+                raise ConfigError(f"data.{name}: does not apply to imagenet_lt, whose split files fix the long tail "
+                                  f"and the validation set; remove it")
+    reason = unknown_model("encoder", cfg.model.encoder)
+    if reason:
+        raise ConfigError(f"model.encoder: {reason}")
     choice("gan.generator", cfg.gan.generator, list_models("gan"))
     choice("train.allocator", cfg.train.allocator, ALLOCATORS)
     choice("train.loss", cfg.train.loss, LOSSES)

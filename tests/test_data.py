@@ -11,7 +11,7 @@ import torch
 
 from mlo.config import load_config
 from mlo.data import build_longtail, longtail_counts, longtail_split, shot_groups
-from mlo.data.loaders import BalancedLoader, TensorLoader
+from mlo.data.loaders import BalancedLoader, TensorLoader, make_loader, to_float
 from mlo.data.sources import DEBIAN_FASHION_MNIST
 from mlo.errors import DataError
 
@@ -194,3 +194,25 @@ def test_balanced_loader_gives_every_class_equally():
     assert len(batches) == 2
     for y in batches:
         assert torch.bincount(y, minlength=4).tolist() == [3] * 4
+
+
+def test_sequential_batches_cover_an_in_memory_set_in_order():
+    images = torch.arange(23 * 4, dtype=torch.uint8).view(23, 1, 2, 2)
+    batches = list(make_loader("sequential", images, np.arange(23) % 3, 10))
+    assert [len(y) for _, y in batches] == [10, 10, 3]
+    assert torch.equal(torch.cat([x for x, _ in batches]), to_float(images))
+    assert torch.cat([y for _, y in batches]).tolist() == (np.arange(23) % 3).tolist()
+
+
+def test_balanced_batch_size_is_split_between_the_classes():
+    loader = make_loader("balanced", torch.zeros(24, 1, 2, 2, dtype=torch.uint8), np.repeat(np.arange(4), 6), 8)
+    assert isinstance(loader, BalancedLoader) and loader.per_class == 2 and len(loader) == 3
+
+
+def test_image_size_resizes_in_memory_sources_once():
+    native = build_longtail(load_config(None, []).data)
+    resized = build_longtail(load_config(None, ["data.image_size=16"]).data)
+    assert resized.image_shape == (1, 16, 16) and resized.train_images.dtype == torch.uint8
+    assert resized.train_counts == native.train_counts
+    mean = lambda x: x.float().mean(dim=(1, 2, 3))  # bilinear upsampling keeps each image's brightness
+    assert torch.allclose(mean(resized.test_images), mean(native.test_images), atol=4)

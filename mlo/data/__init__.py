@@ -1,11 +1,16 @@
-"""Long-tailed data for a run: the source, the balanced validation split, the cut, the test split."""
+"""Long-tailed data for a run: the source, the balanced validation split, the cut, the test split.
+
+Images are uint8 tensors in memory or ``ImageFiles`` (ImageNet-LT); ``mlo.data.loaders.make_loader``
+batches either kind.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
+from mlo.data import imagenet_lt as _imagenet_lt  # noqa: F401  (registers the imagenet_lt source)
+from mlo.data.loaders import ImageSet
 from mlo.data.longtail import SHOT_RULE, longtail_counts, longtail_split, shot_groups
 from mlo.data.sources import SOURCES, ImageData, load_source, register_source
 
@@ -15,11 +20,11 @@ __all__ = ["LongTailData", "build_longtail", "longtail_counts", "longtail_split"
 
 @dataclass
 class LongTailData:
-    train_images: torch.Tensor
+    train_images: ImageSet
     train_labels: np.ndarray
-    val_images: torch.Tensor
+    val_images: ImageSet
     val_labels: np.ndarray
-    test_images: torch.Tensor
+    test_images: ImageSet
     test_labels: np.ndarray
     classes: list[str]
     train_counts: list[int]
@@ -35,8 +40,9 @@ class LongTailData:
 
 def build_longtail(data_cfg) -> LongTailData:
     source = load_source(data_cfg)
-    split = longtail_split(source.train_labels, source.num_classes, data_cfg.imbalance_factor,
-                           data_cfg.val_per_class, data_cfg.split_seed, data_cfg.n_max)
+    split = source.split if source.split is not None else longtail_split(
+        source.train_labels, source.num_classes, data_cfg.imbalance_factor, data_cfg.val_per_class,
+        data_cfg.split_seed, data_cfg.n_max)
     return LongTailData(
         train_images=source.train_images[split.train], train_labels=source.train_labels[split.train],
         val_images=source.train_images[split.val], val_labels=source.train_labels[split.val],

@@ -1,4 +1,9 @@
-"""Device-resident loaders: images stay uint8 tensors on the device, batches are cut and augmented there.
+"""Resumable loaders over an image set of either kind; ``make_loader`` picks the batching.
+
+- In memory (digits, Fashion-MNIST, CIFAR): images stay uint8 tensors on the device; batches are
+  cut, converted and augmented there.
+- Files (``ImageFiles``, ImageNet-LT): a torch DataLoader with ``workers`` processes decodes and
+  transforms each batch (``mlo.data.files``); it reaches the device as uint8 and is converted there.
 
 Every random choice (order, crops, flips) comes from a generator seeded by (seed, epoch, batch),
 so a loader can be stopped anywhere and resumed from ``state_dict()`` with the same batches.
@@ -7,6 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
+
+from mlo.data.files import DecodedImages, ImageFiles
+
+ImageSet = torch.Tensor | ImageFiles  # uint8 (N, C, H, W) in memory, or files decoded per batch
 
 
 def derive_seed(*keys: int) -> int:
@@ -43,14 +53,16 @@ def augment_batch(x: torch.Tensor, policy: str, gen: torch.Generator) -> torch.T
 
 
 class _IndexLoader:
-    """Shared iteration, resume state and augmentation; subclasses say which indices form a batch."""
+    """Shared iteration, resume state and batch making; subclasses say which indices form a batch."""
 
-    def __init__(self, images: torch.Tensor, labels, seed: int, augment: str = "none",
-                 device: torch.device | str = "cpu"):
-        self.images = images.to(device)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
+    def __init__(self, images: ImageSet, labels, seed: int, augment: str = "none",
+                 device: torch.device | str = "cpu", workers: int = 0):
+        self.device = torch.device(device)
+        self.images = DecodedImages(images, augment) if isinstance(images, ImageFiles) else images.to(self.device)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(self.device)
         self.seed = seed
         self.augment = augment
+        self.workers = workers
         self.epoch = 0
         self.position = 0
 
@@ -62,14 +74,31 @@ class _IndexLoader:
 
     def __iter__(self):
         batches = self.batch_indices(self.epoch)
-        for b in range(self.position, len(batches)):
+        load = self._decode if isinstance(self.images, DecodedImages) else self._cut
+        for b, batch in enumerate(load(batches, self.position), start=self.position):
             self.position = b + 1
-            idx = batches[b].to(self.images.device)
-            x = augment_batch(to_float(self.images[idx]), self.augment,
-                              seeded_generator(self.seed, self.epoch, b, 1))
-            yield x, self.labels[idx]
+            yield batch
         self.epoch += 1
         self.position = 0
+
+    def _cut(self, batches: list[torch.Tensor], start: int):
+        """``batches[start:]`` from the device-resident tensor, augmented there."""
+        for b in range(start, len(batches)):
+            idx = batches[b].to(self.device)
+            x = augment_batch(to_float(self.images[idx]), self.augment, seeded_generator(self.seed, self.epoch, b, 1))
+            yield x, self.labels[idx]
+
+    def _decode(self, batches: list[torch.Tensor], start: int):
+        """``batches[start:]`` decoded by a DataLoader; each image's transform draws from a seed of
+        its own, taken from the batch's generator."""
+        items = []
+        for b in range(start, len(batches)):
+            seeds = torch.randint(0, 2 ** 62, (len(batches[b]),), generator=seeded_generator(self.seed, self.epoch, b, 1))
+            items.append(list(zip(batches[b].tolist(), seeds.tolist())))
+        loader = DataLoader(self.images, batch_sampler=items, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda")
+        for b, x in enumerate(loader, start=start):
+            yield to_float(x.to(self.device, non_blocking=True)), self.labels[batches[b].to(self.device)]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -81,8 +110,9 @@ class _IndexLoader:
 class TensorLoader(_IndexLoader):
     """Shuffled fixed-size batches; the last partial batch is dropped (one batch if N < batch)."""
 
-    def __init__(self, images, labels, batch_size: int, seed: int, augment: str = "none", device="cpu"):
-        super().__init__(images, labels, seed, augment, device)
+    def __init__(self, images, labels, batch_size: int, seed: int, augment: str = "none", device="cpu",
+                 workers: int = 0):
+        super().__init__(images, labels, seed, augment, device, workers)
         self.batch_size = min(batch_size, len(self.labels))
 
     def batch_indices(self, epoch: int) -> list[torch.Tensor]:
@@ -94,8 +124,8 @@ class TensorLoader(_IndexLoader):
 class BalancedLoader(_IndexLoader):
     """Class-balanced batches: ``per_class`` images of every class in each batch."""
 
-    def __init__(self, images, labels, per_class: int, seed: int, device="cpu"):
-        super().__init__(images, labels, seed, "none", device)
+    def __init__(self, images, labels, per_class: int, seed: int, device="cpu", workers: int = 0):
+        super().__init__(images, labels, seed, "none", device, workers)
         labels = np.asarray(labels)
         self.by_class = [torch.from_numpy(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
         self.per_class = max(1, min(per_class, min(len(i) for i in self.by_class)))
@@ -108,9 +138,31 @@ class BalancedLoader(_IndexLoader):
         return [torch.cat([p[b * k:(b + 1) * k] for p in perms]) for b in range(steps)]
 
 
-def iterate_batches(images: torch.Tensor, labels, batch_size: int, device):
-    """In-order batches for evaluation, converted to float on the device."""
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    for start in range(0, len(labels), batch_size):
-        yield (to_float(images[start:start + batch_size].to(device)),
-               labels[start:start + batch_size].to(device))
+class SequentialLoader(_IndexLoader):
+    """Every image once, in order, unaugmented (evaluation); the last batch may be smaller."""
+
+    def __init__(self, images, labels, batch_size: int, device="cpu", workers: int = 0):
+        super().__init__(images, labels, 0, "none", device, workers)
+        self.batch_size = batch_size
+
+    def batch_indices(self, epoch: int) -> list[torch.Tensor]:
+        return list(torch.arange(len(self.labels)).split(self.batch_size))
+
+
+def make_loader(order: str, images: ImageSet, labels, batch_size: int, *, seed: int = 0, augment: str = "none",
+                device="cpu", workers: int = 0) -> _IndexLoader:
+    """The loader for an image set of either kind, so that its users never ask which kind it is.
+
+    ``shuffle``: ``batch_size`` images in a new order each epoch, augmented (training);
+    ``balanced``: ``batch_size // classes`` images of every class per batch (validation batches);
+    ``sequential``: every image once, in order (evaluation).
+    ``workers`` processes decode file-backed sets; in-memory sets need none.
+    """
+    if order == "shuffle":
+        return TensorLoader(images, labels, batch_size, seed, augment, device, workers)
+    if order == "balanced":
+        per_class = max(1, batch_size // (int(np.max(labels)) + 1))
+        return BalancedLoader(images, labels, per_class, seed, device, workers)
+    if order == "sequential":
+        return SequentialLoader(images, labels, batch_size, device, workers)
+    raise ValueError(f"unknown loader order '{order}' (shuffle, balanced, sequential)")

@@ -1,4 +1,5 @@
-"""Dataset sources, registered by name. Each returns uint8 image tensors (N, C, H, W) and labels.
+"""Dataset sources, registered by name. Each returns its images, uint8 tensors (N, C, H, W) or
+files decoded when loaded (``ImageFiles``: ImageNet-LT, in ``mlo.data.imagenet_lt``), and labels.
 
 No source downloads anything unless ``data.download=true``; missing data gives one line saying
 where to put it.
@@ -16,7 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mlo.data.longtail import balanced_holdout
+from mlo.data.files import ImageFiles
+from mlo.data.longtail import Split, balanced_holdout
 from mlo.errors import DataError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -25,12 +27,14 @@ DEFAULT_ROOT = Path("~/.cache/needsgen").expanduser()
 
 @dataclass
 class ImageData:
-    """A source's balanced training pool and its untouched test split."""
-    train_images: torch.Tensor  # uint8 (N, C, H, W)
-    train_labels: np.ndarray    # int64 (N,)
-    test_images: torch.Tensor
+    """A source's balanced training pool and its untouched test split; or, where the source fixes
+    the long-tailed training set and the validation set itself, the two and their indices (``split``)."""
+    train_images: torch.Tensor | ImageFiles  # uint8 (N, C, H, W), or files
+    train_labels: np.ndarray                 # int64 (N,)
+    test_images: torch.Tensor | ImageFiles
     test_labels: np.ndarray
     classes: list[str]
+    split: Split | None = None  # None: the long tail is cut from the pool by build_longtail
 
     @property
     def num_classes(self) -> int:
@@ -52,16 +56,34 @@ def register_source(name: str):
 
 
 def load_source(data_cfg) -> ImageData:
-    """Load ``data_cfg.dataset`` and check what came back (shape, channels, labels)."""
+    """Load ``data_cfg.dataset``, check what came back (shape, channels, labels) and bring in-memory
+    images to ``data.image_size``."""
     root = Path(data_cfg.data_root).expanduser() if data_cfg.data_root else DEFAULT_ROOT
     data = SOURCES[data_cfg.dataset](root=root, cfg=data_cfg)
     check_images(data, data_cfg.dataset)
+    size = data_cfg.image_size
+    if size and isinstance(data.train_images, torch.Tensor) and data.image_shape[1:] != (size, size):
+        data.train_images, data.test_images = resize_images(data.train_images, size), resize_images(data.test_images, size)
     return data
+
+
+def resize_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """uint8 images resized (bilinear, antialiased) to ``size`` x ``size``, a chunk at a time."""
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+    return torch.cat([resize(x) for x in images.split(chunk)])
 
 
 def check_images(data: ImageData, name: str) -> None:
     for split, images, labels in (("train", data.train_images, data.train_labels),
                                   ("test", data.test_images, data.test_labels)):
+        if len(images) != len(labels):
+            raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= data.num_classes):
+            raise DataError(f"{name} {split}: labels outside 0..{data.num_classes - 1}")
+        if isinstance(images, ImageFiles):  # checked line by line when the source read its lists
+            continue
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DataError(f"{name} {split} images must be uint8 of shape (N, C, H, W), got "
                             f"{images.dtype} {tuple(images.shape)}")
@@ -70,10 +92,6 @@ def check_images(data: ImageData, name: str) -> None:
         if images.shape[1:] != data.train_images.shape[1:]:
             raise DataError(f"{name} {split} images are {tuple(images.shape[1:])}, train images "
                             f"{tuple(data.train_images.shape[1:])}: all images must have one shape")
-        if len(images) != len(labels):
-            raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels")
-        if len(labels) and (labels.min() < 0 or labels.max() >= data.num_classes):
-            raise DataError(f"{name} {split}: labels outside 0..{data.num_classes - 1}")
 
 
 @register_source("digits")

@@ -1,16 +1,23 @@
 """Classifier encoders: image → feature vector (``out_dim`` features).
 
 Each factory takes ``in_channels``, ``image_size`` and ``width`` (ignored where the architecture
-fixes it) and returns a module with an ``out_dim`` attribute.
+fixes it) and returns a module with an ``out_dim`` attribute. Besides the small encoders here,
+every timm model is an encoder as ``timm:<name>`` (timm is imported only when one is used).
 """
 from __future__ import annotations
 
 import math
+import pickle
+import sys
+import zipfile
+from pathlib import Path
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlo.models.registry import register_model
+from mlo.errors import ConfigError
+from mlo.models.registry import register_family, register_model
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
@@ -92,3 +99,67 @@ class CifarResNet(nn.Module):
 @register_model("encoder")
 def resnet32(in_channels: int = 3, image_size: int = 32, width: int = 16) -> CifarResNet:
     return CifarResNet(32, in_channels)
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+    return timm.is_model(name)
+
+
+def _timm_models() -> list[str]:
+    import timm
+    return timm.list_models()
+
+
+@register_family("encoder", "timm", is_member=_is_timm_model, members=_timm_models)
+def timm_encoder(name: str, in_channels: int = 3, image_size: int = 224, width: int = 0) -> nn.Module:
+    """A timm model without its classifier, randomly initialised (weights come only from
+    ``model.pretrained_path``). Models whose input size is fixed by position embeddings (ViT,
+    Swin, ...) are built for ``image_size``; the others take any size. ``width`` is ignored."""
+    import timm
+    from timm.models import get_pretrained_cfg_value
+
+    size = {"img_size": image_size} if get_pretrained_cfg_value(name, "fixed_input_size") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels, **size)
+    # forward() returns the pre-logits features: wider than num_features where the model has a
+    # hidden head layer (MobileNetV3's 1280), num_features elsewhere
+    model.out_dim = getattr(model, "head_hidden_size", None) or model.num_features
+    return model
+
+
+def load_encoder_weights(encoder: nn.Module, path: str) -> None:
+    """Load a local weights file into ``encoder``: a state_dict, or a dict holding one under
+    ``state_dict`` or ``model``. A timm model's classifier keys are dropped (the encoder has none);
+    missing and unexpected keys are reported in one line on stderr."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"model.pretrained_path: '{file}' does not exist; give a local weights file "
+                          f"(nothing is downloaded)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"model.pretrained_path: '{file}' is not a readable torch weights file "
+                          f"({reason[:120]})") from None
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.pretrained_path: '{file}' holds no state_dict (a mapping of names to tensors)")
+    heads = getattr(encoder, "pretrained_cfg", {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    state = {k: v for k, v in state.items() if not any(k.startswith(f"{h}.") for h in heads)}
+    own = encoder.state_dict()
+    for key, value in state.items():
+        if key in own and value.shape != own[key].shape:
+            raise ConfigError(f"model.pretrained_path: '{file}' does not fit the encoder: {key} is "
+                              f"{tuple(value.shape)} there and {tuple(own[key].shape)} here "
+                              f"(check data.image_size and the image channels)")
+    if not set(state) & set(own):
+        raise ConfigError(f"model.pretrained_path: no key of '{file}' names a parameter of the encoder "
+                          f"(its keys look like '{next(iter(state), '')}', the encoder's like '{next(iter(own))}')")
+    result = encoder.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        some = lambda keys: ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        print(f"warning: model.pretrained_path: {len(result.missing_keys)} encoder keys missing from '{file}' "
+              f"({some(result.missing_keys)}), {len(result.unexpected_keys)} keys of the file unused "
+              f"({some(result.unexpected_keys)})", file=sys.stderr)
