@@ -168,14 +168,17 @@ def precision_recall_density_coverage(real_feats, fake_feats, k: int = 5, chunk:
 
 
 # ----- per class ---------------------------------------------------------------------------------
-def per_class_fid(real_feats, real_labels, fake_feats, fake_labels) -> dict[int, float | None]:
-    """FID of each class present in either set against the same class of the other set; ``None``
-    where either set has fewer than 2 images of the class (no covariance). FID grows as the image
-    count shrinks (its estimate is biased upward), so compare classes only at equal counts."""
+def per_class_fid(real_feats, real_labels, fake_feats, fake_labels, classes=None) -> dict[int, float | None]:
+    """FID of each class (``classes``, default every class in either set) against the same class of
+    the other set; ``None`` where either set has fewer than 2 images of the class (no covariance).
+    FID grows as the image count shrinks (its estimate is biased upward), so compare classes only
+    at equal counts."""
     real, fake = _numpy(real_feats), _numpy(fake_feats)
     real_labels, fake_labels = np.asarray(real_labels), np.asarray(fake_labels)
+    if classes is None:
+        classes = np.union1d(real_labels, fake_labels).tolist()
     result = {}
-    for c in np.union1d(real_labels, fake_labels).tolist():
+    for c in classes:
         a, b = real[real_labels == c], fake[fake_labels == c]
         result[int(c)] = fid_from_features(a, b) if min(len(a), len(b)) >= 2 else None
     return result
@@ -264,9 +267,10 @@ def inception_extractor(weights_path: str | Path, device) -> FeatureExtractor:
 
 
 # ----- summary of one comparison -----------------------------------------------------------------
-def compare_sets(real: Embeddings, fake: Embeddings, *, k: int = 5, kid_subsets: int = 100,
+def compare_sets(real: Embeddings, fake: Embeddings, *, classes=None, k: int = 5, kid_subsets: int = 100,
                  kid_subset_size: int = 1000, is_splits: int = 10, seed: int = 0) -> dict:
-    """Every metric of generated images against a real reference set, as JSON-ready numbers.
+    """Every metric of generated images against a real reference set, as JSON-ready numbers;
+    per-class FID for ``classes`` (default: those in either set).
 
     KID subsets hold at most half the smaller set, so their std shows sampling variation (KID is
     unbiased at any subset size; from 2000 images on this is the usual 1000)."""
@@ -280,7 +284,7 @@ def compare_sets(real: Embeddings, fake: Embeddings, *, k: int = 5, kid_subsets:
         **precision_recall_density_coverage(real.features, fake.features, k),
         "inception_score_mean": is_mean, "inception_score_std": is_std,
         "per_class_fid": {str(c): v for c, v in
-                          per_class_fid(real.features, real.labels, fake.features, fake.labels).items()},
+                          per_class_fid(real.features, real.labels, fake.features, fake.labels, classes).items()},
     }
 
 

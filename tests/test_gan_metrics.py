@@ -166,6 +166,7 @@ def test_per_class_fid():
     assert abs(fids[0]) < 1e-6
     assert fids[1] == pytest.approx(4 * 3.0 ** 2, rel=1e-6)
     assert fids[2] is None and fids[3] is None
+    assert per_class_fid(real, real_labels, fake, fake_labels, classes=range(5))[4] is None  # absent from both
 
 
 # ----- feature extractors ------------------------------------------------------------------------
