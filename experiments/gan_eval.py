@@ -72,15 +72,14 @@ def measure(run, *, n: int | None, seed: int, truncation: float | None, inceptio
     """
     run.engine.eval()
     w1 = run.levels["w1"]
-    extractors = {"w1_encoder": classifier_extractor(w1.module.encoder, w1, name="W1 encoder")}
+    extractors = {"w1_encoder": classifier_extractor(w1.module.encoder, w1, name=CLASSIFIER_FEATURES_NOTE)}
     if inception_weights:
         extractors["inception_v3"] = inception_extractor(inception_weights, run.device)
     ema = ema_generator(run)
     result = {
         "generator": "EMA", "global_step": run.engine.global_step, "finished": run.trainer.done,
         "seed": seed, "truncation": truncation, "prdc_k": PRDC_K,
-        "features": {name: {"description": CLASSIFIER_FEATURES_NOTE if name == "w1_encoder" else e.name}
-                     for name, e in extractors.items()},
+        "features": {name: {"description": e.name} for name, e in extractors.items()},
     }
     generated = {}
     for key, (ref, (images, labels)) in enumerate(reference_sets(run, n, seed).items()):

@@ -263,7 +263,8 @@ def inception_extractor(weights_path: str | Path, device) -> FeatureExtractor:
         feats = net(x)
         return feats, head(feats)
 
-    return FeatureExtractor("Inception-v3 (torchvision)", forward)
+    return FeatureExtractor("Inception-v3 pool features, torchvision weights: close to, not identical with, "
+                            "the TF-Inception FIDs of papers", forward)
 
 
 # ----- summary of one comparison -----------------------------------------------------------------
