@@ -1,4 +1,4 @@
-"""``needsgen``: run, eval and bench. Bad input is one line on stderr and exit code 2."""
+"""``needsgen``: run, eval, sample, gan-metrics and bench. Bad input is one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -126,23 +126,91 @@ def train_and_report(run, run_dir: Path, resume: bool) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from experiments.runner import CHECKPOINT, CONFIG, Run
+def run_config(run_dir: Path, device: str | None) -> Config:
+    """The resolved config of a run directory that has a checkpoint, optionally on another device."""
+    from experiments.runner import CHECKPOINT, CONFIG
 
-    run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG).is_file() or not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"'{run_dir}' is not a run directory with a checkpoint ({CONFIG}, {CHECKPOINT})")
     cfg = read_run_config(run_dir)
-    if args.device:
-        cfg.set("run.device", args.device)
+    if device:
+        cfg.set("run.device", device)
     validate(cfg)
+    return cfg
+
+
+def restore_run(run_dir: Path, cfg: Config):
+    """The run rebuilt from its config with the checkpoint's weights loaded."""
+    from experiments.runner import Run
+
     run = Run(cfg)
     run.run_dir = run_dir
     run.load_checkpoint()
     if not run.trainer.done:
         print(f"note: the checkpoint is from step {run.engine.global_step} of {run.trainer.total_iterations}; "
-              f"evaluating it as it is", file=sys.stderr)
+              f"using it as it is", file=sys.stderr)
+    return run
+
+
+def restore_generator_run(run_dir: Path, device: str | None):
+    """A restored run of a mode that trains a generator; others are refused before anything is built."""
+    from experiments.modes import resolve_mode
+
+    cfg = run_config(run_dir, device)
+    if "gen" not in resolve_mode(cfg).levels:
+        raise UserError(f"run '{run_dir}' (train.mode={cfg.train.mode}) has no generator; "
+                        f"give a run of a mode that trains one (end2end)")
+    return restore_run(run_dir, cfg)
+
+
+def cmd_eval(args) -> int:
+    run_dir = Path(args.run_dir)
+    run = restore_run(run_dir, run_config(run_dir, args.device))
     print_table(run, run.evaluate())
+    return 0
+
+
+def check_option(option: str, value, minimum: float, strict: bool = False) -> None:
+    """A given option value must be >= ``minimum`` (> with ``strict``); NaN never passes."""
+    if value is not None and not (value > minimum if strict else value >= minimum):
+        raise UserError(f"{option} must be {'>' if strict else '>='} {minimum}, got {value}")
+
+
+def cmd_sample(args) -> int:
+    from experiments.gan_eval import write_sample_grids
+
+    check_option("--per-class", args.per_class, 0, strict=True)
+    check_option("--truncation", args.truncation, 0, strict=True)
+    check_option("--seed", args.seed, 0)
+    run_dir = Path(args.run_dir)
+    run = restore_generator_run(run_dir, args.device)
+    out = Path(args.out) if args.out else run_dir / "samples"
+    paths = write_sample_grids(run, args.per_class, out, args.seed, args.truncation)
+    print(f"{args.per_class} images per class from the EMA generator (seed {args.seed}, "
+          f"truncation {args.truncation or 'none'}): {len(paths) - 1} class grids and {paths[-1].name} in {out}/")
+    return 0
+
+
+def cmd_gan_metrics(args) -> int:
+    from experiments.gan_eval import PRDC_K, format_report, measure, write_gan_metrics
+
+    check_option("--truncation", args.truncation, 0, strict=True)
+    check_option("--seed", args.seed, 0)
+    check_option("--gan-train-epochs", args.gan_train_epochs, 0)
+    if args.n is not None and args.n <= PRDC_K:
+        raise UserError(f"--n {args.n} is too small: precision/recall use k={PRDC_K} neighbours; give --n {PRDC_K + 1} or more")
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        raise UserError(f"--inception-weights: '{args.inception_weights}' does not exist; give a torchvision "
+                        f"inception_v3 state_dict on this machine (nothing is downloaded)")
+    run_dir = Path(args.run_dir)
+    run = restore_generator_run(run_dir, args.device)
+    result = measure(run, n=args.n, seed=args.seed, truncation=args.truncation,
+                     inception_weights=args.inception_weights, gan_train_epochs=args.gan_train_epochs)
+    print(format_report(result, run.data.classes))
+    if not args.inception_weights:
+        print("\nInception-v3 features: not computed (no --inception-weights FILE given; nothing is downloaded)")
+    path = write_gan_metrics(run_dir, result)
+    print(f"written to {path}")
     return 0
 
 
@@ -173,6 +241,43 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", metavar="RUN_DIR")
     ev.add_argument("--device", help="evaluate on this device instead of the run's (cpu, cuda, cuda:N)")
     ev.set_defaults(func=cmd_eval)
+
+    sample = sub.add_parser(
+        "sample", help="write per-class sample grids of a run's EMA generator",
+        description="Sample N images per class from the moving average (EMA) of RUN_DIR's generator, in eval "
+                    "mode with seeded latents, and write one grid per class (samples_class<c>.png) and one grid "
+                    "of all classes, one row per class (samples_all.png).")
+    sample.add_argument("run_dir", metavar="RUN_DIR")
+    sample.add_argument("--per-class", type=int, required=True, metavar="N", help="images per class")
+    sample.add_argument("--out", metavar="PATH", help="folder for the grids (default: RUN_DIR/samples)")
+    sample.add_argument("--device", help="sample on this device instead of the run's (cpu, cuda, cuda:N)")
+    sample.add_argument("--truncation", type=float, metavar="TAU",
+                        help="clip the latents: z = sign(z)·min(|z|, TAU) (default: no truncation)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the latents (default: 0)")
+    sample.set_defaults(func=cmd_sample)
+
+    gm = sub.add_parser(
+        "gan-metrics", help="FID, KID, precision/recall/density/coverage of a run's EMA generator",
+        description="Compare images of RUN_DIR's EMA generator with the real training images and with the real "
+                    "test images: FID, KID, precision, recall, density, coverage (k=5), inception score and "
+                    "per-class FID, in the feature space of the run's W1 encoder (only comparable within this "
+                    "project) and, given --inception-weights, of Inception-v3. Each reference set gets as many "
+                    "generated images as it has, of the same classes. Prints the tables and writes "
+                    "RUN_DIR/gan_metrics.json.")
+    gm.add_argument("run_dir", metavar="RUN_DIR")
+    gm.add_argument("--n", type=int, metavar="N",
+                    help="use a seeded random subset of at most N images of each reference set (default: all)")
+    gm.add_argument("--inception-weights", metavar="FILE",
+                    help="a torchvision inception_v3 state_dict on this machine; adds Inception-v3 features "
+                         "(never downloaded)")
+    gm.add_argument("--truncation", type=float, metavar="TAU",
+                    help="clip the latents: z = sign(z)·min(|z|, TAU) (default: no truncation)")
+    gm.add_argument("--gan-train-epochs", type=int, default=0, metavar="E",
+                    help="also train two classifiers of the run's encoder for E epochs each, for the GAN-train "
+                         "and GAN-test accuracies (default: 0, skipped)")
+    gm.add_argument("--seed", type=int, default=0, help="seed of the subsets, latents and KID subsets (default: 0)")
+    gm.add_argument("--device", help="run on this device instead of the run's (cpu, cuda, cuda:N)")
+    gm.set_defaults(func=cmd_gan_metrics)
 
     bench = sub.add_parser("bench", help="time vanilla training against the end-to-end MLO",
                            description="Seconds per iteration of vanilla W and of the end-to-end MLO on the "

@@ -33,6 +33,12 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] → uint8 [0, 255], the inverse of ``to_float`` (rounded): generated images
+    stored like real ones, so both go through the same evaluation pipeline."""
+    return images.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def augment_batch(x: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
     """Random crop (zero padding of H/8) and, for ``crop_flip``, horizontal flip, per sample."""
     if policy == "none":
