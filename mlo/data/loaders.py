@@ -7,6 +7,14 @@
 
 Every random choice (order, crops, flips) comes from a generator seeded by (seed, epoch, batch),
 so a loader can be stopped anywhere and resumed from ``state_dict()`` with the same batches.
+
+Several processes (torchrun): every process draws the same global batch, order and augmentation,
+and keeps its share, images ``rank, rank + world_size, ...`` of each batch. The shares of a batch
+are the single-process batch, image for image (a class-balanced batch stays class-balanced when
+``world_size`` divides the images per class), and the resume state is the same on every process.
+
+Host syncs: indices and augmentation choices are drawn on the CPU and reach a CUDA device through
+pinned memory, asynchronously, so cutting a batch never waits for the device.
 """
 from __future__ import annotations
 
@@ -39,31 +47,54 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def augment_batch(x: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding of H/8) and, for ``crop_flip``, horizontal flip, per sample."""
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to CUDA through pinned memory without waiting (a plain copy of
+    pageable memory would make the host wait for the device)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def augment_params(policy: str, n: int, size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """The random choices of ``augment`` for n images of side ``size``, on the CPU: crop offsets
+    (zero padding of size/8) and, for ``crop_flip``, horizontal flips."""
     if policy == "none":
+        return {}
+    pad = max(1, size // 8)
+    params = {"oy": torch.randint(0, 2 * pad + 1, (n,), generator=gen),
+              "ox": torch.randint(0, 2 * pad + 1, (n,), generator=gen)}
+    if policy == "crop_flip":
+        params["flip"] = torch.rand(n, generator=gen) < 0.5
+    return params
+
+
+def augment(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Random crop (and flip) per image, as drawn by ``augment_params``; pure."""
+    if not params:
         return x
     n, _, h, w = x.shape
     pad = max(1, h // 8)
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]        # (n, h, 1)
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]        # (n, 1, w)
+    rows = (params["oy"][:, None] + torch.arange(h, device=x.device))[:, :, None]        # (n, h, 1)
+    cols = (params["ox"][:, None] + torch.arange(w, device=x.device))[:, None, :]        # (n, 1, w)
     out = padded.permute(0, 2, 3, 1)[torch.arange(n, device=x.device)[:, None, None], rows, cols]
     out = out.permute(0, 3, 1, 2)
-    if policy == "crop_flip":
-        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
-        out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    return out.contiguous()
+    if "flip" in params:
+        out = torch.where(params["flip"][:, None, None, None], out.flip(3), out)
+    return out
 
 
 class _IndexLoader:
     """Shared iteration, resume state and batch making; subclasses say which indices form a batch."""
 
     def __init__(self, images: ImageSet, labels, seed: int, augment: str = "none",
-                 device: torch.device | str = "cpu", workers: int = 0):
+                 device: torch.device | str = "cpu", workers: int = 0, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} processes")
         self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.share = slice(rank, None, world_size)  # this process's images of every batch
         self.images = DecodedImages(images, augment) if isinstance(images, ImageFiles) else images.to(self.device)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(self.device)
         self.seed = seed
@@ -73,6 +104,7 @@ class _IndexLoader:
         self.position = 0
 
     def batch_indices(self, epoch: int) -> list[torch.Tensor]:
+        """The global batches of ``epoch`` (every process's share)."""
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -87,12 +119,18 @@ class _IndexLoader:
         self.epoch += 1
         self.position = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch; Betty's distributed strategy calls it when an epoch ends."""
+        self.epoch, self.position = epoch, 0
+
     def _cut(self, batches: list[torch.Tensor], start: int):
         """``batches[start:]`` from the device-resident tensor, augmented there."""
+        size = self.images.shape[-2]
         for b in range(start, len(batches)):
-            idx = batches[b].to(self.device)
-            x = augment_batch(to_float(self.images[idx]), self.augment, seeded_generator(self.seed, self.epoch, b, 1))
-            yield x, self.labels[idx]
+            params = augment_params(self.augment, len(batches[b]), size, seeded_generator(self.seed, self.epoch, b, 1))
+            idx = to_device(batches[b][self.share], self.device)
+            x = augment(to_float(self.images[idx]), {k: to_device(v[self.share], self.device) for k, v in params.items()})
+            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
 
     def _decode(self, batches: list[torch.Tensor], start: int):
         """``batches[start:]`` decoded by a DataLoader; each image's transform draws from a seed of
@@ -100,11 +138,12 @@ class _IndexLoader:
         items = []
         for b in range(start, len(batches)):
             seeds = torch.randint(0, 2 ** 62, (len(batches[b]),), generator=seeded_generator(self.seed, self.epoch, b, 1))
-            items.append(list(zip(batches[b].tolist(), seeds.tolist())))
+            items.append(list(zip(batches[b][self.share].tolist(), seeds[self.share].tolist())))
         loader = DataLoader(self.images, batch_sampler=items, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda")
         for b, x in enumerate(loader, start=start):
-            yield to_float(x.to(self.device, non_blocking=True)), self.labels[batches[b].to(self.device)]
+            x = to_float(x.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
+            yield x, self.labels[to_device(batches[b][self.share], self.device)]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -117,9 +156,9 @@ class TensorLoader(_IndexLoader):
     """Shuffled fixed-size batches; the last partial batch is dropped (one batch if N < batch)."""
 
     def __init__(self, images, labels, batch_size: int, seed: int, augment: str = "none", device="cpu",
-                 workers: int = 0):
-        super().__init__(images, labels, seed, augment, device, workers)
-        self.batch_size = min(batch_size, len(self.labels))
+                 workers: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False):
+        super().__init__(images, labels, seed, augment, device, workers, rank, world_size, channels_last)
+        self.batch_size = min(batch_size, len(self.labels))  # of the global batch
 
     def batch_indices(self, epoch: int) -> list[torch.Tensor]:
         perm = torch.randperm(len(self.labels), generator=seeded_generator(self.seed, epoch, 0))
@@ -130,11 +169,17 @@ class TensorLoader(_IndexLoader):
 class BalancedLoader(_IndexLoader):
     """Class-balanced batches: ``per_class`` images of every class in each batch."""
 
-    def __init__(self, images, labels, per_class: int, seed: int, device="cpu", workers: int = 0):
-        super().__init__(images, labels, seed, "none", device, workers)
+    def __init__(self, images, labels, per_class: int, seed: int, device="cpu", workers: int = 0,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
+        super().__init__(images, labels, seed, "none", device, workers, rank, world_size, channels_last)
         labels = np.asarray(labels)
         self.by_class = [torch.from_numpy(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
         self.per_class = max(1, min(per_class, min(len(i) for i in self.by_class)))
+
+    @property
+    def batch_size(self) -> int:
+        """Images in a global batch."""
+        return self.per_class * len(self.by_class)
 
     def batch_indices(self, epoch: int) -> list[torch.Tensor]:
         steps = min(len(i) for i in self.by_class) // self.per_class
@@ -156,19 +201,22 @@ class SequentialLoader(_IndexLoader):
 
 
 def make_loader(order: str, images: ImageSet, labels, batch_size: int, *, seed: int = 0, augment: str = "none",
-                device="cpu", workers: int = 0) -> _IndexLoader:
+                device="cpu", workers: int = 0, rank: int = 0, world_size: int = 1,
+                channels_last: bool = False) -> _IndexLoader:
     """The loader for an image set of either kind, so that its users never ask which kind it is.
 
     ``shuffle``: ``batch_size`` images in a new order each epoch, augmented (training);
     ``balanced``: ``batch_size // classes`` images of every class per batch (validation batches);
     ``sequential``: every image once, in order (evaluation).
-    ``workers`` processes decode file-backed sets; in-memory sets need none.
+    ``workers`` processes decode file-backed sets; in-memory sets need none. ``rank`` of
+    ``world_size`` processes keeps its share of every training or validation batch; with
+    ``channels_last``, batches come in channels-last memory.
     """
     if order == "shuffle":
-        return TensorLoader(images, labels, batch_size, seed, augment, device, workers)
+        return TensorLoader(images, labels, batch_size, seed, augment, device, workers, rank, world_size, channels_last)
     if order == "balanced":
         per_class = max(1, batch_size // (int(np.max(labels)) + 1))
-        return BalancedLoader(images, labels, per_class, seed, device, workers)
+        return BalancedLoader(images, labels, per_class, seed, device, workers, rank, world_size, channels_last)
     if order == "sequential":
         return SequentialLoader(images, labels, batch_size, device, workers)
     raise ValueError(f"unknown loader order '{order}' (shuffle, balanced, sequential)")
