@@ -1,4 +1,4 @@
-"""Hypergradient hop types beyond Betty's own, registered in ``betty.hypergradient.jvp_fn_mapping``.
+"""Hypergradient hop types beyond Betty's own, registered in Betty's table (``mlo.betty_compat.register_hop``).
 
 A hop (curr, prev) turns a vector v on curr's parameters into ``−∂²L_curr/∂θ_prev∂θ_curr · v``
 (identity inverse Hessian, as Betty's ``darts``). Betty's ``darts`` estimates it by central finite
@@ -10,7 +10,8 @@ Hessian that autograd defines, at the memory cost of one double-backward graph.
 from __future__ import annotations
 
 import torch
-from betty.hypergradient import jvp_fn_mapping
+
+from mlo.betty_compat import register_hop
 
 HYPERGRADIENTS = ("darts", "exact")
 
@@ -32,7 +33,7 @@ def exact(vector, curr, prev, sync: bool):
     return out
 
 
-jvp_fn_mapping.setdefault("exact", exact)
+register_hop("exact", exact)
 
 
 def reference_gradient(problem) -> list[torch.Tensor]:
