@@ -14,15 +14,23 @@ and the parameters. This base makes it so:
    on validation images must not move W1's BN statistics); an evaluation that is not a step (a
    hop, a reference check) changes none, and runs spectral norm without power iterations.
 
-Numerical faults: a step whose loss or gradient is not finite is skipped (no update, and no
-hypergradient hops, which would add a non-finite vector to lower levels' weights) and counted;
-the trainer reports it and aborts after too many in a row.
+Numerical faults: a step whose loss or gradient is not finite is skipped and counted; the trainer
+reports it and aborts after too many in a row. Without a host sync per step: the step is skipped
+on the device (``CompatProblem.step_unless``) and its fault code waits on the device until the
+trainer reads the codes of many steps at once. A level with hypergradient paths decides on the host
+before its backward (its hops would add a non-finite vector to lower levels' weights; they sync
+the host anyway). Under several processes every process skips and counts the same steps.
+
+Several processes: each level draws its noise (latents, class samples, Gumbel noise, DiffAugment
+choices, the per-batch seeds) from a generator of its own per process, so the processes' shares
+of a batch are independent draws, as one process's batch of the same total size would be. What
+must agree is computed, not drawn: the allocation p(s) (all-reduced validation losses), the
+temperature, and the loaders' global batches and augmentation (``mlo.data.loaders``).
 
 A subclass is small: ``prepare_batch`` and ``training_step``, sometimes ``forward``.
 """
 from __future__ import annotations
 
-import math
 import zlib
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +43,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 from mlo import hypergradient as _hypergradient  # noqa: F401  (registers the 'exact' hop type)
 from mlo.betty_compat import CompatProblem
 from mlo.data.loaders import derive_seed
+from mlo.distributed import any_process
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -42,10 +51,12 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
-def _finite(tensors) -> bool:
-    """All given tensors (Nones skipped) are finite; one host sync."""
-    tensors = [t for t in tensors if t is not None]
-    return not tensors or bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all())
+FAULT_KINDS = {1: "gradient", 2: "loss"}  # a step's fault code (0: a good step); the larger wins
+
+
+def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Whether all given tensors are finite, as a boolean tensor on their device (no host sync)."""
+    return torch.stack(torch._foreach_norm(tensors)).isfinite().all()
 
 
 def level_config(*, unroll_steps: int = 1, hypergradient: str = "darts", darts_alpha: float = 0.001,
@@ -103,16 +114,18 @@ class LevelProblem(CompatProblem):
         self.ready_on = ready_on        # step once these children are ready, not all of them
         self.graph_modules: list[nn.Module] = [module]  # set by the graph builder: every module in the graph
         self.noise = None                # torch.Generator on the device, for prepare_batch
-        self._batch_seeds = torch.Generator().manual_seed(self.seed)
-        self._own_step = False
-        self._loss_finite = True
+        self._batches_drawn = 0          # the per-batch RNG seed is derived from (seed, batches drawn)
+        self._loss_finite = None         # of the current own step, a boolean tensor on the device
+        self._skip_backward = False      # the current own step computes no gradient (levels with paths)
         self.records: dict[str, torch.Tensor] = {}
         self.consecutive_faults = 0
-        self.faults: list[str] = []  # kinds of the faults since the trainer last looked ("loss", "gradient")
+        self.fault_codes: list[tuple[int, torch.Tensor]] = []  # (global step, code) not yet read by the trainer
 
     # ----- randomness, drawn in get_batch -------------------------------------------------------
     def initialize(self):
         super().initialize()
+        if self._world_size > 1 and self._rank > 0:  # rank 0 draws what a single process draws
+            self.seed = derive_seed(self.seed, self._rank)
         self.noise = torch.Generator(device=self.device).manual_seed(self.seed)
 
     def prepare_batch(self, data) -> dict[str, Any]:
@@ -123,7 +136,8 @@ class LevelProblem(CompatProblem):
     def get_batch(self) -> dict[str, Any]:
         data = super().get_batch() if self.train_data_loader is not None else None
         batch = self.prepare_batch(data)
-        batch["rng_seed"] = int(torch.randint(0, 2 ** 62, (), generator=self._batch_seeds))
+        batch["rng_seed"] = derive_seed(self.seed, self._batches_drawn)
+        self._batches_drawn += 1
         return batch
 
     # ----- pure evaluation ----------------------------------------------------------------------
@@ -144,32 +158,42 @@ class LevelProblem(CompatProblem):
         self._own_step = True
         try:
             loss, loss_dict = super().get_loss(batch)
-            self._loss_finite = math.isfinite(loss_dict["loss"])  # Betty already synced for .item()
-            if self._loss_finite:
-                self.record("loss", torch.tensor(loss_dict["loss"]))
-                self.record("steps", torch.tensor(1.0))
-            return loss, loss_dict
+            self._loss_finite = torch.isfinite(loss_dict["loss"])
+            self.record("loss", torch.where(self._loss_finite, loss_dict["loss"], 0.0))
+            self.record("steps", self._loss_finite.float())
         finally:
             self._own_step = False
+        self._skip_backward = bool(self.paths) and any_process(~self._loss_finite)
+        return loss, loss_dict
 
     # ----- numerical faults ---------------------------------------------------------------------
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
-        if not self._loss_finite:
+        if self._skip_backward:
             return
         super().backward(loss, params, paths, create_graph=create_graph, retain_graph=retain_graph,
                          allow_unused=allow_unused)
 
     def optimizer_step(self, *args, **kwargs):
-        fault = None if self._loss_finite else "loss"
-        # with fp16 the GradScaler itself skips steps with inf gradients (normal while it calibrates)
-        if fault is None and self.scaler is None and not _finite(p.grad for p in self.trainable_parameters()):
-            fault = "gradient"
-        if fault is not None:
-            self.consecutive_faults += 1
-            self.faults.append(fault)
+        loss_fault = (~self._loss_finite).float()
+        if self._skip_backward:  # no gradient: nothing to average or to skip
+            self.fault_codes.append((self._global_step, loss_fault.mul(2).long()))
             return
-        self.consecutive_faults = 0
-        super().optimizer_step(*args, **kwargs)
+        self.average_gradients(flags=[loss_fault])  # from here on every process holds the same values
+        code = torch.where(loss_fault > 0, 2, 0)
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        # with fp16 the GradScaler itself skips steps with inf gradients (normal while it calibrates)
+        if self.scaler is None and grads:
+            code = torch.where(_finite(grads), code, code.clamp(min=1))
+        self.fault_codes.append((self._global_step, code))
+        self.step_unless(code > 0)
+
+    def count_fault(self, code: int) -> str | None:
+        """Take in the code of one step (in order): the kind of its fault, or None for a good step."""
+        if code == 0:
+            self.consecutive_faults = 0
+            return None
+        self.consecutive_faults += 1
+        return FAULT_KINDS[code]
 
     def record(self, key: str, value: torch.Tensor) -> None:
         """Accumulate a statistic of the level's own steps (never of hops); no host sync."""
@@ -182,6 +206,10 @@ class LevelProblem(CompatProblem):
         return records
 
     # ----- cadence and wiring -------------------------------------------------------------------
+    def step_normal(self, global_step=None):
+        self._global_step = global_step  # Betty sets it only for leaves; fault reports name the step
+        super().step_normal(global_step=global_step)
+
     def check_ready(self):
         if self.ready_on is None:
             return super().check_ready()
@@ -196,17 +224,26 @@ class LevelProblem(CompatProblem):
 
     # ----- checkpoints --------------------------------------------------------------------------
     def level_state(self) -> dict[str, Any]:
+        """Everything needed to resume the level: the state every process shares, and this
+        process's own (``process_state``)."""
         state = self.state_dict()
         state.update({
             "count": self._count, "ready": list(self.ready), "inner_loop_start": self._inner_loop_start,
             "epoch_counter": list(self.epoch_counter or []),
             "loaders": [loader.state_dict() for loader in (self.train_data_loader or [])],
-            "noise": self.noise.get_state(), "batch_seeds": self._batch_seeds.get_state(),
-            "records": dict(self.records), "consecutive_faults": self.consecutive_faults,
-            # hops of an upper level re-run this level on its last batch, possibly from an earlier iteration
-            "cur_batch": self.cur_batch,
+            "consecutive_faults": self.consecutive_faults,
+            **self.process_state(),
         })
         return state
+
+    def process_state(self) -> dict[str, Any]:
+        """The part of ``level_state`` that differs between processes."""
+        return {
+            "noise": self.noise.get_state(), "batches_drawn": self._batches_drawn,
+            "records": dict(self.records),
+            # hops of an upper level re-run this level on its last batch, possibly from an earlier iteration
+            "cur_batch": self.cur_batch,
+        }
 
     def load_level_state(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state)
@@ -218,7 +255,7 @@ class LevelProblem(CompatProblem):
                 loader.load_state_dict(loader_state)
                 self.train_data_iterator[i] = iter(loader)
         self.noise.set_state(state["noise"].cpu())  # generator states are CPU byte tensors on any device
-        self._batch_seeds.set_state(state["batch_seeds"].cpu())
+        self._batches_drawn = state["batches_drawn"]
         self.records = dict(state["records"])
         self.consecutive_faults = state["consecutive_faults"]
         self.cur_batch = state["cur_batch"]

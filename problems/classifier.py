@@ -49,8 +49,9 @@ class ClassifierProblem(LevelProblem):
     def training_step(self, batch):
         return self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"])).mean()
 
-    def level_state(self):
-        return {**super().level_state(), "loss": self.loss_fn.state_dict(), "pending_features": self.pending_features}
+    def process_state(self):
+        # a loss's feature statistics (ISDA) are each process's own, from its share of the batches
+        return {**super().process_state(), "loss": self.loss_fn.state_dict(), "pending_features": self.pending_features}
 
     def load_level_state(self, state):
         super().load_level_state(state)
@@ -78,6 +79,10 @@ class RefinedClassifierProblem(ClassifierProblem):
         self.lambda_gen = lambda_gen
         self.temperatures = temperatures
 
+    def initialize(self):
+        super().initialize()
+        self.train_counts = self.train_counts.to(self.device)  # once, not a copy to the device per step
+
     def prepare_batch(self, data):
         (x, y), (x_val, y_val) = data
         m, dev = self.gen_per_step, self.device
@@ -90,9 +95,10 @@ class RefinedClassifierProblem(ClassifierProblem):
         }
 
     def allocation(self, x_val, y_val):
-        """``p(s)`` and W1's per-class validation statistics (differentiable in W1 and A)."""
+        """``p(s)`` and W1's per-class validation statistics (differentiable in W1 and A); under several
+        processes, of all their validation shares, so every process draws from the same ``p(s)``."""
         stats = per_class_val_loss(self.w1(x_val), y_val, self.num_classes)
-        stats.train_counts = self.train_counts.to(stats.val_loss.device)
+        stats.train_counts = self.train_counts
         return self.allocator(stats), stats
 
     def training_step(self, batch):
