@@ -78,9 +78,26 @@ def cmd_run(args) -> int:
     path = resolve_config_path(config_arg)
     cfg = load_config(path, overrides)
     run = Run(cfg)
-    run_dir = prepare_run_dir(cfg, path.name.removesuffix(".yaml"))
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    run_dir = on_rank_zero(run, lambda: prepare_run_dir(cfg, path.name.removesuffix(".yaml")))
+    if run.processes.main:
+        print(f"run directory: {run_dir}", file=sys.stderr)
     return train_and_report(run, run_dir, resume=False)
+
+
+def on_rank_zero(run, fn):
+    """``fn()`` in rank 0 (the process that writes), its result, or its UserError, in every process."""
+    from mlo.distributed import broadcast_object
+
+    result = None
+    if run.processes.main:
+        try:
+            result = fn()
+        except UserError as exc:
+            result = exc
+    result = broadcast_object(result)
+    if isinstance(result, UserError):
+        raise result
+    return result
 
 
 def resume_run(run_dir: Path, config_arg: str | None, overrides: list[str]) -> int:
@@ -103,26 +120,33 @@ def resume_run(run_dir: Path, config_arg: str | None, overrides: list[str]) -> i
         raise UserError(f"'{run_dir}' already finished ({METRICS} exists); start a new run instead")
     run = Run(requested)
     has_checkpoint = existing_checkpoint(run_dir / CHECKPOINT) is not None
-    print(f"resuming {run_dir}" + ("" if has_checkpoint else " from the start (it has no checkpoint yet)"),
-          file=sys.stderr)
+    if run.processes.main:
+        print(f"resuming {run_dir}" + ("" if has_checkpoint else " from the start (it has no checkpoint yet)"),
+              file=sys.stderr)
     return train_and_report(run, run_dir, resume=has_checkpoint)
 
 
 def train_and_report(run, run_dir: Path, resume: bool) -> int:
     from mlo.errors import NumericalFault, TrainingStopped
 
+    report = run.processes.main  # under torchrun, rank 0 speaks for all processes
     try:
         metrics = run.execute(run_dir, resume=resume)
     except TrainingStopped as exc:
-        print(f"needsgen: {exc}", file=sys.stderr)
+        if report:
+            print(f"needsgen: {exc}", file=sys.stderr)
         return exc.exit_code
     except NumericalFault as exc:
         last = (f"the last good checkpoint (step {run.checkpoint_step}) is intact in {run_dir}"
                 if run.checkpoint_step is not None else "no checkpoint had been written yet")
-        print(f"needsgen: training aborted: {exc}; {last}", file=sys.stderr)
+        if report:
+            print(f"needsgen: training aborted: {exc}; {last}", file=sys.stderr)
         return 3
-    print_table(run, metrics)
-    print(f"outputs in {run_dir}/ (metrics.json, report.md, train_log.csv, plots, checkpoint.pt)")
+    finally:
+        run.engine.cleanup()  # leaves the process group under torchrun
+    if report:
+        print_table(run, metrics)
+        print(f"outputs in {run_dir}/ (metrics.json, report.md, train_log.csv, plots, checkpoint.pt)")
     return 0
 
 

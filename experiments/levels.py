@@ -14,6 +14,8 @@ from mlo.budget import create_allocator
 from mlo.config import Config
 from mlo.data import LongTailData
 from mlo.data.loaders import derive_seed, make_loader
+from mlo.distributed import Processes
+from mlo.errors import ConfigError
 from mlo.losses import ClassificationLoss, create_loss
 from mlo.models import Classifier, MetaBlock, create_model
 from mlo.models.encoders import load_encoder_weights
@@ -32,6 +34,7 @@ class BuildContext:
     data: LongTailData
     mode: Mode
     device: torch.device
+    processes: Processes = Processes()  # under torchrun, each process trains on its share of every batch
 
     # ----- sizes -------------------------------------------------------------------------------
     @property
@@ -98,18 +101,20 @@ class BuildContext:
                            drw_start=t.drw_start, isda_lambda=t.isda_lambda, feature_dim=self.feature_dim).to(self.device)
 
     # ----- optimisation ------------------------------------------------------------------------
+    # fused optimizers: one kernel per step, and a non-finite step is skipped on the device (no host sync)
     def classifier_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
         if t.optimizer == "sgd":
-            return torch.optim.SGD(module.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        return torch.optim.Adam(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+            return torch.optim.SGD(module.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                                   fused=True)
+        return torch.optim.Adam(module.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
 
     def classifier_scheduler(self, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         milestones = [m * self.steps_per_epoch for m in self.cfg.train.lr_milestones]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=self.cfg.train.lr_decay)
 
     def gan_optimizer(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(self.cfg.gan.gan_betas))
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(self.cfg.gan.gan_betas), fused=True)
 
     def level_config(self, name: str, retain_graph: bool = False):
         t = self.cfg.train
@@ -121,15 +126,29 @@ class BuildContext:
         return {"seed": self.cfg.run.seed, "ready_on": list(self.mode.ready_on[name]) if name in self.mode.ready_on else None}
 
     # ----- data --------------------------------------------------------------------------------
+    def shared(self, loader, key: str):
+        """``loader`` after checking that every process gets an equal share of its batches (so the
+        average of the processes' gradients is the gradient of the whole batch)."""
+        n = self.processes.world_size
+        if loader.batch_size % n:
+            raise ConfigError(f"{key}: batches of {loader.batch_size} images cannot be split evenly between {n} "
+                              f"processes; choose a size that makes them a multiple of {n}")
+        return loader
+
     def train_loader(self, key: int):
-        d = self.data
-        return make_loader("shuffle", d.train_images, d.train_labels, self.cfg.train.batch_size, seed=self.seed(key),
-                           augment=self.cfg.data.augment, device=self.device, workers=self.cfg.data.num_workers)
+        d, p = self.data, self.processes
+        return self.shared(make_loader("shuffle", d.train_images, d.train_labels, self.cfg.train.batch_size,
+                                       seed=self.seed(key), augment=self.cfg.data.augment, device=self.device,
+                                       workers=self.cfg.data.num_workers, rank=p.rank, world_size=p.world_size,
+                                       channels_last=self.cfg.run.channels_last),
+                           "train.batch_size")
 
     def val_loader(self, key: int):
-        d = self.data
-        return make_loader("balanced", d.val_images, d.val_labels, self.cfg.data.val_batch_size, seed=self.seed(key),
-                           device=self.device, workers=self.cfg.data.num_workers)
+        d, p = self.data, self.processes
+        return self.shared(make_loader("balanced", d.val_images, d.val_labels, self.cfg.data.val_batch_size,
+                                       seed=self.seed(key), device=self.device, workers=self.cfg.data.num_workers,
+                                       rank=p.rank, world_size=p.world_size, channels_last=self.cfg.run.channels_last),
+                           "data.val_batch_size")
 
 
 def build_w1(ctx: BuildContext) -> ClassifierProblem:
@@ -146,7 +165,9 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
     return RefinedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
         (ctx.train_loader(2), ctx.val_loader(3)), loss_fn=ctx.loss_fn(), allocator=create_allocator(t.allocator),
-        train_counts=ctx.data.train_counts, gen_per_step=max(1, round(t.batch_size * t.gen_per_real)),
+        train_counts=ctx.data.train_counts,
+        # M per step, split between the processes (each generates ⌈M / N⌉ from its own noise)
+        gen_per_step=-(-max(1, round(t.batch_size * t.gen_per_real)) // ctx.processes.world_size),
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
         total_steps=ctx.total_steps, **ctx.common("w2"))
 
@@ -164,13 +185,13 @@ def build_gen(ctx: BuildContext) -> GeneratorProblem:
     return GeneratorProblem(
         "gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
         g_loss=ctx.gan.g_loss, diffaugment_policy=parse_policy(ctx.cfg.gan.diffaugment),
-        batch_size=ctx.cfg.train.batch_size, num_classes=ctx.num_classes, image_size=ctx.data.image_shape[-1],
+        batch_size=ctx.cfg.train.batch_size // ctx.processes.world_size, num_classes=ctx.num_classes, image_size=ctx.data.image_shape[-1],
         ema_decay=ctx.cfg.gan.ema_decay, **ctx.common("gen"))
 
 
 def build_meta(ctx: BuildContext) -> MetaProblem:
     module = ctx.meta_block
-    optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.meta_lr)
+    optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.meta_lr, fused=True)
     return MetaProblem("meta", ctx.level_config("meta", retain_graph=True), module, optimizer,
                        train_data_loader=ctx.val_loader(5), gamma=ctx.cfg.train.gamma, **ctx.common("meta"))
 

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 import yaml
 
+from mlo.betty_compat import check_compiler, compile_modules
 from mlo.budget import temperature
 from mlo.checkpoint import atomic_write, existing_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from mlo.config import Config, config_diff, from_dict
 from mlo.data import SHOT_RULE, build_longtail
 from mlo.data.loaders import make_loader
+from mlo.distributed import Processes, average_, gather_objects, sum_
 from mlo.errors import ConfigError, NumericalFault, TrainingStopped, UserError
 from mlo.graph import build_engine
 from mlo.metrics import classification_metrics, per_class_accuracy, predict
@@ -38,18 +40,24 @@ from experiments.modes import resolve_mode
 
 CHECKPOINT, METRICS, CONFIG, LOG, SEEDS = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv", "seeds.json"
 # settings that may change between a checkpoint and its resumption without changing the run
-RESUMABLE_CHANGES = ("run.progress", "run.device", "run.checkpoint_every", "run.name", "run.out_dir")
+RESUMABLE_CHANGES = ("run.progress", "run.device", "run.checkpoint_every", "run.name", "run.out_dir", "run.sync_every")
 EVAL_BATCH = 500
 SAMPLES_PER_CLASS = 8
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, processes: Processes = Processes()) -> torch.device:
+    """The device of ``run.device``; under torchrun, process ``LOCAL_RANK`` takes ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"run.device={name} but no CUDA device is available; use run.device=cpu or auto")
+        if processes.distributed:
+            if device.index is not None:
+                raise ConfigError(f"run.device={name}: under torchrun every process takes cuda:LOCAL_RANK; "
+                                  f"use run.device=cuda or auto (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+            device = torch.device("cuda", processes.local_rank)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"run.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
@@ -67,16 +75,26 @@ class Run:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir: Path | None = None  # set by execute(); nothing is written before
-        self.device = resolve_device(cfg.run.device)
+        self.processes = Processes.from_environ()
+        self.device = resolve_device(cfg.run.device, self.processes)
         if cfg.train.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
+        reason = check_compiler(self.device, cfg.run.compile)
+        if reason:
+            raise ConfigError(f"run.compile={cfg.run.compile}: {reason}; use run.compile=none")
         self.mode = resolve_mode(cfg)
         self.data = build_longtail(cfg.data)
-        self.ctx = BuildContext(cfg, self.data, self.mode, self.device)
+        self.ctx = BuildContext(cfg, self.data, self.mode, self.device, self.processes)
         problems = build_levels(self.ctx)
         self.levels = {p.name: p for p in problems}
         self.engine = build_engine(problems, {k: list(v) for k, v in self.mode.u2l.items()},
-                                   {k: list(v) for k, v in self.mode.l2u.items()}, device=self.device)
+                                   {k: list(v) for k, v in self.mode.l2u.items()}, device=self.device,
+                                   strategy="distributed" if self.processes.distributed else "default")
+        if cfg.run.channels_last:
+            for problem in problems:
+                problem.module.to(memory_format=torch.channels_last)
+        if cfg.run.compile != "none":
+            compile_modules(problems, cfg.run.compile)
         phases = []
         if self.mode.pretrain_gan and cfg.gan.gan_pretrain_steps:
             phases.append(Phase("GAN pre-training", cfg.gan.gan_pretrain_steps, leaves=["disc"], unroll={"disc": 1}))
@@ -84,7 +102,8 @@ class Run:
         self.stop = StopRequest()
         self.trainer = Trainer(self.engine, phases, progress=cfg.run.progress, on_epoch_end=self.end_epoch,
                                on_checkpoint=self.save_checkpoint, checkpoint_every=cfg.run.checkpoint_every,
-                               stop=self.stop, max_faults=cfg.train.max_faults)
+                               stop=self.stop, max_faults=cfg.train.max_faults, sync_every=cfg.run.sync_every,
+                               main=self.processes.main)
         self.elapsed = 0.0          # wall seconds of training, summed over resumes
         self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
         self.last_epoch: dict[str, dict[str, torch.Tensor]] = {}
@@ -105,13 +124,25 @@ class Run:
         logits, y = predict(problem, batches)
         return per_class_accuracy(logits, y, self.data.num_classes)
 
+    def share_statistics(self) -> None:
+        """Average the buffers (BatchNorm statistics, EMA) over processes, which each updated on
+        their share of the batches. Linear updates: averaging at any point gives the same averages
+        later. Done before evaluations and checkpoints."""
+        modules = [p.module for p in self.levels.values()] + [p.ema for p in self.levels.values() if getattr(p, "ema", None)]
+        average_([b for m in modules for b in m.buffers() if b.is_floating_point()])
+
     def end_epoch(self, phase: Phase, epoch: int) -> dict:
         self._tick()
         self.engine.eval()
+        self.share_statistics()
+        self.last_epoch = {name: p.pop_records() for name, p in self.levels.items()}
+        # sums over processes: every ratio below is of two summed records (e.g. loss / steps)
+        sum_([rec[k] for rec in self.last_epoch.values() for k in sorted(rec)])
+        if not self.processes.main:
+            return {}
         row = {"epoch": epoch, "global_step": self.engine.global_step, "seconds": round(self.elapsed, 2)}
         for name, problem in self.classifiers().items():
             row[f"{name}_val_acc"] = round(float(self.accuracy(problem, self.data.val_images, self.data.val_labels).mean()), 4)
-        self.last_epoch = {name: p.pop_records() for name, p in self.levels.items()}
         for name, rec in self.last_epoch.items():
             if "steps" in rec:
                 row[f"{name}_loss"] = round(float(rec["loss"] / rec["steps"]), 4)
@@ -143,22 +174,40 @@ class Run:
             "trainer": self.trainer.state_dict(),
             "levels": {name: p.level_state() for name, p in self.levels.items()},
             "elapsed": self.elapsed, "last_epoch": self.last_epoch,
-            # the run draws from its own seeded generators; the global states are kept for user levels
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-                    "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])},
+            "processes": self.processes.world_size,
+            "rng": self.global_rng_state(),
         }
 
+    @staticmethod
+    def global_rng_state() -> dict:
+        # the run draws from its own seeded generators; the global states are kept for user levels
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+                "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
+
+    def process_state(self) -> dict:
+        """What differs between processes: the levels' noise, last batches and records, the global RNGs."""
+        return {"levels": {name: p.process_state() for name, p in self.levels.items()}, "rng": self.global_rng_state()}
+
     def save_checkpoint(self) -> None:
+        """Every process calls it; rank 0 writes one checkpoint holding every process's own state."""
         self._tick()
         for name, problem in self.levels.items():
             if not all(torch.isfinite(p).all() for p in problem.module.parameters()):
                 raise NumericalFault(f"level '{name}' has non-finite weights at step {self.engine.global_step}; "
                                      f"the checkpoint was not overwritten")
-        save_checkpoint(self.run_dir / CHECKPOINT, self.state_dict())
+        self.share_statistics()
+        per_process = gather_objects(self.process_state()) if self.processes.distributed else None
+        if self.processes.main:
+            state = self.state_dict()
+            if per_process is not None:
+                state["per_process"] = per_process
+            save_checkpoint(self.run_dir / CHECKPOINT, state)
         self.checkpoint_step = self.engine.global_step
 
     def load_checkpoint(self) -> None:
-        remove_partial_writes(self.run_dir / CHECKPOINT)
+        """Every process loads the checkpoint, and takes its own part of it."""
+        if self.processes.main:
+            remove_partial_writes(self.run_dir / CHECKPOINT)
         path = existing_checkpoint(self.run_dir / CHECKPOINT)
         if path is None:
             raise UserError(f"no checkpoint in '{self.run_dir}'")
@@ -166,18 +215,23 @@ class Run:
         diff = config_diff(from_dict(state["config"], source=str(path)), self.cfg, ignore=RESUMABLE_CHANGES)
         if diff:
             raise UserError(f"checkpoint '{path}' was written with a different config: {'; '.join(diff)}")
+        written_by = state.get("processes", 1)
+        if written_by != self.processes.world_size:
+            raise UserError(f"checkpoint '{path}' was written by {written_by} process(es); resume it with as many "
+                            f"(torchrun --nproc_per_node={written_by}), not {self.processes.world_size}")
+        own = state["per_process"][self.processes.rank] if "per_process" in state else state  # rank 0 wrote "levels"
         for name, p in self.levels.items():
-            p.load_level_state(state["levels"][name])
+            p.load_level_state({**state["levels"][name], **own["levels"][name]})
         self.trainer.load_state_dict(state["trainer"])
         self.elapsed = state["elapsed"]
         self.last_epoch = state["last_epoch"]
         self.checkpoint_step = self.engine.global_step
-        rng = state["rng"]
+        rng = own["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"]))
         random.setstate((3, tuple(rng["python"]), None))
-        # epochs logged after the checkpoint will be trained and logged again
-        self._write_log([r for r in self._read_log() if int(r["global_step"]) <= self.engine.global_step])
+        if self.processes.main:  # epochs logged after the checkpoint will be trained and logged again
+            self._write_log([r for r in self._read_log() if int(r["global_step"]) <= self.engine.global_step])
 
     def write_seeds(self) -> None:
         seeds = {
@@ -272,17 +326,20 @@ class Run:
         z = torch.randn(len(classes), ema.z_dim, generator=gen, device=self.device)
         return ema(z, classes).cpu()
 
-    def execute(self, run_dir: Path, resume: bool = False) -> dict:
-        """Train (from the checkpoint if ``resume``), evaluate, write the outputs.
+    def execute(self, run_dir: Path, resume: bool = False) -> dict | None:
+        """Train (from the checkpoint if ``resume``), evaluate, write the outputs; the metrics.
 
         SIGINT/SIGTERM finish the current iteration, write a checkpoint and raise ``TrainingStopped``.
+        Under several processes all of them train; rank 0 alone writes to ``run_dir``, evaluates and
+        returns the metrics (the others return None).
         """
         self.run_dir = Path(run_dir)
         if resume:
             self.load_checkpoint()
-        else:
+        elif self.processes.main:
             (self.run_dir / LOG).unlink(missing_ok=True)  # from a run killed before its first checkpoint
-        self.write_seeds()
+        if self.processes.main:
+            self.write_seeds()
         self._clock = time.perf_counter()
         with stop_on_signals(self.stop):
             finished = self.trainer.run()
@@ -293,6 +350,8 @@ class Run:
                     f"stopped by {name} at step {self.engine.global_step} of {self.trainer.total_iterations}; "
                     f"checkpoint written; continue with: needsgen run --resume {self.run_dir}",
                     exit_code=128 + self.stop.signal)
+        if not self.processes.main:
+            return None
         metrics = self.evaluate()
         self.write_outputs(metrics)
         return metrics

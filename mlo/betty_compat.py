@@ -4,11 +4,14 @@ and for a loop without host syncs, in one place.
 Mixed precision
     Betty wraps ``training_step`` in ``torch.cuda.amp.autocast`` (deprecated, and silently fp32 on
     the CPU) and builds ``torch.cuda.amp.GradScaler`` (asserting CUDA). Here autocast is
-    ``torch.autocast(device_type=...)`` and fp16's scaler is ``torch.amp.GradScaler``. Only a
-    level's own step runs under autocast; every other evaluation of ``training_step`` (the
-    hypergradient hops, reference checks) runs in fp32: a hop is a finite difference of two
-    gradients taken ``darts_alpha`` apart in parameter norm, far below bf16's resolution (8 bits of
-    mantissa), so in bf16 it measures rounding (tests/test_hypergradient.py shows both).
+    ``torch.autocast(device_type=...)`` and fp16's scaler is ``torch.amp.GradScaler``. Only the
+    own steps of levels without hypergradient paths (W1, H, G, W2) run under autocast; everything
+    a hypergradient is built from runs in fp32 (``hop_precision``): the hops, because a hop is a
+    finite difference of two gradients taken ``darts_alpha`` apart in parameter norm, far below
+    bf16's resolution (8 bits of mantissa), so in bf16 it measures rounding (cosine to the exact
+    gradient 0.1-0.5 on the test networks); and the own step of a level with paths (A), whose
+    gradient is the vector the hops multiply (in bf16: cosine 0.9987 at a first meta step). A's
+    step comes every ``meta_every`` iterations, next to its fp32 hops.
     fp16's loss scale does not reach the hypergradient: Betty scales the upper level's loss, so
     its direct gradient and the vector entering the first hop carry the scale S; each hop is linear
     in its input vector (``darts``: the step ``darts_alpha/‖v‖`` makes the perturbation independent

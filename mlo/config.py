@@ -121,7 +121,9 @@ class TrainConfig:
     isda_lambda: float = _f(0.5, "isda: augmentation strength lambda_0, ramped as lambda_0 * fraction of training done",
                             min=0.0)
     gen_per_real: float = _f(1.0, "budget M per epoch, in generated images per real training image", min=0.0)
-    precision: str = _f("fp32", "fp32, bf16 or fp16 (fp16 needs CUDA)", choices=("fp32", "bf16", "fp16"))
+    precision: str = _f("fp32", "fp32, bf16 or fp16 (fp16 needs CUDA; with a loss scaler): autocast of the steps of "
+                                "W1, H, G and W2; the meta level's step and the hypergradient hops stay in fp32",
+                        choices=("fp32", "bf16", "fp16"))
     max_faults: int = _f(10, "consecutive non-finite steps of one level (skipped) before the run aborts", min=1)
 
 
@@ -134,6 +136,16 @@ class RunConfig:
     progress: bool = _f(True, "show progress bars")
     checkpoint_every: int = _f(250, "iterations between checkpoints (one is also written at the end and on "
                                     "SIGINT/SIGTERM); 0: only those", min=0)
+    channels_last: bool = _f(False, "keep images, activations and convolution weights in channels-last (NHWC) "
+                                    "memory: faster convolutions on GPUs with tensor cores, with bf16/fp16")
+    compile: str = _f("none", "torch.compile the levels' networks with this backend: inductor (generates kernels; "
+                              "Triton on CUDA, a C++ compiler on the CPU; the first iterations compile), aot_eager "
+                              "(traces forward and backward without generating code: checks that the levels "
+                              "compile), none", choices=("none", "inductor", "aot_eager"))
+    sync_every: int = _f(20, "iterations between the training loop's waits for the device, where it reads "
+                             "which steps were skipped as non-finite (a run aborts at most this many iterations "
+                             "after train.max_faults faults in a row) and, under torchrun, agrees on a stop "
+                             "signal; epoch ends and checkpoints wait too", min=1)
 
 
 SECTIONS: dict[str, type] = {
@@ -339,6 +351,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.temperature_end > cfg.train.temperature_start:
         raise ConfigError(f"train.temperature_end={cfg.train.temperature_end:g} is above train.temperature_start="
                           f"{cfg.train.temperature_start:g}: the Gumbel temperature anneals downwards")
+    if cfg.run.compile != "none" and cfg.train.hypergradient == "exact":
+        raise ConfigError(f"run.compile={cfg.run.compile}: train.hypergradient=exact differentiates twice, which "
+                          f"torch.compile does not support; use train.hypergradient=darts or run.compile=none")
     if cfg.run.name is not None and (not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", "..")):
         raise ConfigError(f"run.name: must be a plain folder name, got '{cfg.run.name}'")
 

@@ -97,6 +97,8 @@ CASES = [
     (["run", "mode=vanilla", "tie_encoders=true"], "model.tie_encoders shares W1's encoder"),
     (["run", "temperature_start=0.1", "temperature_end=1"], "train.temperature_end=1 is above train.temperature_start"),
     (["run", "precision=fp16", "device=cpu"], "train.precision=fp16 needs a CUDA device"),
+    (["run", "compile=aot_eager", "hypergradient=exact"], "run.compile=aot_eager: train.hypergradient=exact "
+                                                          "differentiates twice"),
     # config files
     (["run", "BADYAML.yaml"], "is not valid YAML at line 3"),
     (["run", "BADSECTION.yaml"], "unknown config section 'trian' (did you mean 'train'?)"),
@@ -136,6 +138,16 @@ def test_there_are_at_least_25_cases():
 def test_cuda_asked_for_on_a_cpu_machine(tmp_path, monkeypatch, capsys):
     code, err = run_cli(["run", "device=cuda:0"], tmp_path, monkeypatch, capsys)
     assert_refused(code, err, "run.device=cuda:0 but no CUDA device is available")
+
+
+@pytest.mark.parametrize("processes,size,message", [
+    (2, "batch_size=63", "train.batch_size: batches of 63 images cannot be split evenly between 2 processes"),
+    (3, "batch_size=66", "data.val_batch_size: batches of 100 images cannot be split evenly between 3 processes")])
+def test_batches_that_torchrun_processes_cannot_share_evenly(processes, size, message, tmp_path, monkeypatch, capsys):
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(processes)}.items():
+        monkeypatch.setenv(key, value)  # what torchrun sets; refused before any process group is joined
+    code, err = run_cli(["run", size], tmp_path, monkeypatch, capsys)
+    assert_refused(code, err, message)
 
 
 def test_an_existing_named_run_is_never_overwritten(tmp_path, monkeypatch, capsys):
