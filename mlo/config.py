@@ -29,7 +29,8 @@ def _f(default, help: str, **checks):
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("digits", "data source: digits, fmnist, cifar10, cifar100, imagenet_lt")
+    dataset: str = _f("digits", "data source: digits, fmnist, cifar10, cifar100, imagenet_lt, or synthetic (random "
+                                "images in CIFAR-10's shapes, for timing without the files; nothing to learn)")
     data_root: str | None = _f(None, "folder holding the data (default: ~/.cache/needsgen); "
                                      "for imagenet_lt the ImageNet root, with train/ and val/")
     split_dir: str | None = _f(None, "imagenet_lt: folder holding ImageNet_LT_train/val/test.txt (default: data_root)")

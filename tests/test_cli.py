@@ -103,3 +103,19 @@ def test_help_for_every_subcommand(command, capsys):
     assert out.startswith("usage: needsgen")
     if command == ["run"]:
         assert "train.meta_every=8" in out and "digits_lt" in out
+
+
+def test_bench_times_both_modes(capsys):
+    tiny = ["width=4", "gan_ch=4", "z_dim=8", "shared_dim=4", "batch_size=16", "meta_every=2", "device=cpu"]
+    assert main(["bench", *tiny, "--iters", "2", "--warmup", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("dataset digits, encoder small_cnn") and "fp32, channels_last false" in lines[0]
+    rows = {line.split()[0]: float(line.split()[1]) for line in lines[2:4]}
+    assert set(rows) == {"vanilla", "end2end"} and all(s > 0 for s in rows.values())
+    assert lines[-1].startswith("end2end / vanilla = ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_sync_check_needs_cuda(capsys):
+    assert main(["bench", "--check-syncs"]) == 2
+    assert "--check-syncs needs a CUDA device" in capsys.readouterr().err

@@ -209,6 +209,16 @@ def test_balanced_batch_size_is_split_between_the_classes():
     assert isinstance(loader, BalancedLoader) and loader.per_class == 2 and len(loader) == 3
 
 
+def test_synthetic_source_has_cifar10_lt_shapes():
+    cfg = load_config(None, ["data.dataset=synthetic", "data.imbalance_factor=100", "data.image_size=8"]).data
+    data = build_longtail(cfg)
+    assert data.image_shape == (3, 8, 8) and data.train_images.dtype == torch.uint8 and data.num_classes == 10
+    assert data.train_counts == longtail_counts(4990, 10, 100) and len(data.test_labels) == 10000
+    assert np.bincount(data.val_labels).tolist() == [10] * 10
+    again = build_longtail(cfg)
+    assert torch.equal(data.train_images, again.train_images)
+
+
 def test_image_size_resizes_in_memory_sources_once():
     native = build_longtail(load_config(None, []).data)
     resized = build_longtail(load_config(None, ["data.image_size=16"]).data)

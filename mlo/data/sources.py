@@ -196,3 +196,23 @@ def cifar10(root: Path, cfg) -> ImageData:
 @register_source("cifar100")
 def cifar100(root: Path, cfg) -> ImageData:
     return _cifar(root, cfg, hundred=True)
+
+
+SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_PER_CLASS, SYNTHETIC_TEST_PER_CLASS = 10, 5000, 1000
+
+
+@register_source("synthetic")
+def synthetic(root: Path, cfg) -> ImageData:
+    """Random RGB images in CIFAR-10's shapes (10 classes, 5,000 training and 1,000 test images
+    per class, 32x32 or ``data.image_size``), drawn from ``data.split_seed``: for timing runs where
+    the real files are absent. There is nothing to learn in them; accuracies are chance."""
+    size = cfg.image_size or 32
+    gen = torch.Generator().manual_seed(cfg.split_seed)
+
+    def images(per_class: int) -> tuple[torch.Tensor, np.ndarray]:
+        n = per_class * SYNTHETIC_CLASSES
+        x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+        return x, np.repeat(np.arange(SYNTHETIC_CLASSES, dtype=np.int64), per_class)
+
+    train, test = images(SYNTHETIC_TRAIN_PER_CLASS), images(SYNTHETIC_TEST_PER_CLASS)
+    return ImageData(*train, *test, [f"synthetic{c}" for c in range(SYNTHETIC_CLASSES)])
