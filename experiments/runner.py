@@ -242,6 +242,9 @@ class Run:
                        for name, p in self.levels.items()},
             "samples": self.ctx.seed(99),
         }
+        if self.processes.distributed:
+            seeds["processes"] = self.processes.world_size
+            seeds["noise of process r > 0"] = "derive_seed(noise, r): each process draws its own"
         atomic_write(self.run_dir / SEEDS, lambda f: f.write(json.dumps(seeds, indent=2).encode()))
 
     # ----- evaluation and outputs --------------------------------------------------------------
@@ -259,7 +262,7 @@ class Run:
         seconds = self.trainer.phase_seconds.get(self.mode.name, 0.0)
         metrics = {
             "mode": self.mode.name, "dataset": self.cfg.data.dataset, "seed": self.cfg.run.seed,
-            "device": str(self.device), "final_classifier": final,
+            "device": str(self.device), "processes": self.processes.world_size, "final_classifier": final,
             "classes": list(self.data.classes), "train_counts": list(self.data.train_counts),
             "shot_rule": SHOT_RULE,
             **{k: v for k, v in test[final].items()},
@@ -341,7 +344,7 @@ class Run:
         if self.processes.main:
             self.write_seeds()
         self._clock = time.perf_counter()
-        with stop_on_signals(self.stop):
+        with stop_on_signals(self.stop, second_interrupts=not self.processes.distributed):
             finished = self.trainer.run()
             if not finished:
                 self.save_checkpoint()

@@ -16,7 +16,7 @@ reports each one at the next sync point and raises ``NumericalFault`` once a lev
 never written before the faults up to it are counted.
 Signals: inside ``stop_on_signals()``, SIGINT/SIGTERM let the current iteration finish and make
 ``run`` return early (a second signal interrupts at once); under several processes, they stop
-every process at the next sync point.
+every process at the next sync point (and a second signal is ignored).
 """
 from __future__ import annotations
 
@@ -66,13 +66,18 @@ class StopRequest:
 
 
 @contextmanager
-def stop_on_signals(request: StopRequest, signals=(signal.SIGINT, signal.SIGTERM)):
+def stop_on_signals(request: StopRequest, signals=(signal.SIGINT, signal.SIGTERM), second_interrupts: bool = True):
+    """Inside, SIGINT/SIGTERM set ``request``; a second one acts at once if ``second_interrupts``
+    (not under torchrun, which passes a terminal's Ctrl-C on to its processes a second time and
+    kills them itself if they take too long)."""
     previous = {s: signal.getsignal(s) for s in signals}
 
     def handle(signum, frame):
-        request.signal = signum
-        for s, handler in previous.items():  # a second signal acts at once
-            signal.signal(s, handler)
+        if request.signal is None:
+            request.signal = signum
+        if second_interrupts:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     for s in signals:
         signal.signal(s, handle)
