@@ -143,7 +143,7 @@ def train_and_report(run, run_dir: Path, resume: bool) -> int:
             print(f"needsgen: training aborted: {exc}; {last}", file=sys.stderr)
         return 3
     finally:
-        run.engine.cleanup()  # leaves the process group under torchrun
+        run.close()
     if report:
         print_table(run, metrics)
         print(f"outputs in {run_dir}/ (metrics.json, report.md, train_log.csv, plots, checkpoint.pt)")

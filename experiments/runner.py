@@ -28,7 +28,7 @@ from mlo.checkpoint import atomic_write, existing_checkpoint, load_checkpoint, r
 from mlo.config import Config, config_diff, from_dict
 from mlo.data import SHOT_RULE, build_longtail
 from mlo.data.loaders import make_loader
-from mlo.distributed import Processes, average_, gather_objects, sum_
+from mlo.distributed import Processes, average_, barrier, gather_objects, sum_
 from mlo.errors import ConfigError, NumericalFault, TrainingStopped, UserError
 from mlo.graph import build_engine
 from mlo.metrics import classification_metrics, per_class_accuracy, predict
@@ -358,6 +358,14 @@ class Run:
         metrics = self.evaluate()
         self.write_outputs(metrics)
         return metrics
+
+
+    def close(self) -> None:
+        """Under torchrun, wait for every process (rank 0 evaluates and writes last), then leave the
+        process group."""
+        if self.processes.distributed:
+            barrier()
+        self.engine.cleanup()
 
 
 def prepare_run_dir(cfg: Config, config_name: str) -> Path:

@@ -89,6 +89,11 @@ def broadcast_(tensors: list[torch.Tensor]) -> None:
             dist.broadcast(t, src=0)
 
 
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` (any picklable object) on every process."""
     if not active():
