@@ -1,6 +1,7 @@
 """Build a mode's levels from the config: modules, optimizers, loaders, then the Betty problems.
 
-``LEVEL_BUILDERS`` maps a level name to a function of the ``BuildContext``; a mode lists names.
+``LEVEL_BUILDERS`` maps a level kind to a function of the ``BuildContext``; a mode lists its levels
+and, where a level is not of the kind of its name, which kind it is.
 """
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ from functools import cached_property
 import torch
 import torch.nn as nn
 
-from mlo.budget import create_allocator
+from mlo.budget import Allocator, create_allocator
 from mlo.config import Config
 from mlo.data import LongTailData
 from mlo.data.loaders import derive_seed, make_loader
+from mlo.errors import ConfigError
 from mlo.losses import ClassificationLoss, create_loss
 from mlo.models import Classifier, MetaBlock, create_model
+from mlo.models.heads import WeightingNet
 from mlo.models.encoders import load_encoder_weights
 from mlo.models.gan import GAN
 from mlo.models.gan.diffaugment import parse_policy
 from problems import (ClassifierProblem, DiscriminatorProblem, GeneratorProblem, MetaProblem,
                       RefinedClassifierProblem, level_config)
+from problems.multitask import MultiTaskGeneratorProblem
+from problems.mwn import MetaWeightedClassifierProblem, WeightingNetProblem
+from problems.sequential import PregeneratedClassifierProblem
 from experiments.modes import Mode
 
 STREAMS = ("w1", "w2", "disc")  # networks that read features through A
@@ -48,6 +54,16 @@ class BuildContext:
 
     def seed(self, *keys: int) -> int:
         return derive_seed(self.cfg.run.seed, *keys)
+
+    @cached_property
+    def allocator(self) -> Allocator:
+        t = self.cfg.train
+        return create_allocator(t.allocator, gen_per_real=t.gen_per_real, k=t.worstk_k, fraction=t.worstk_fraction)
+
+    @property
+    def gen_per_step(self) -> int:
+        """Generated images per W2 step: the allocator's budget M per epoch, spread over its steps."""
+        return max(1, round(self.allocator.images_per_epoch(self.data.train_counts) / self.steps_per_epoch))
 
     # ----- shared modules ----------------------------------------------------------------------
     def encoder(self) -> nn.Module:
@@ -111,11 +127,11 @@ class BuildContext:
     def gan_optimizer(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(self.cfg.gan.gan_betas))
 
-    def level_config(self, name: str, retain_graph: bool = False):
+    def level_config(self, name: str, retain_graph: bool = False, hypergradient: str | None = None):
         t = self.cfg.train
         unroll = t.meta_every if name in self.mode.every_meta else 1
-        return level_config(unroll_steps=unroll, hypergradient=t.hypergradient, darts_alpha=t.darts_alpha,
-                            precision=t.precision, retain_graph=retain_graph)
+        return level_config(unroll_steps=unroll, hypergradient=hypergradient or t.hypergradient,
+                            darts_alpha=t.darts_alpha, precision=t.precision, retain_graph=retain_graph)
 
     def common(self, name: str) -> dict:
         return {"seed": self.cfg.run.seed, "ready_on": list(self.mode.ready_on[name]) if name in self.mode.ready_on else None}
@@ -145,10 +161,20 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
     optimizer = ctx.classifier_optimizer(module)
     return RefinedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader(2), ctx.val_loader(3)), loss_fn=ctx.loss_fn(), allocator=create_allocator(t.allocator),
-        train_counts=ctx.data.train_counts, gen_per_step=max(1, round(t.batch_size * t.gen_per_real)),
+        (ctx.train_loader(2), ctx.val_loader(3)), loss_fn=ctx.loss_fn(), allocator=ctx.allocator,
+        train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
         total_steps=ctx.total_steps, **ctx.common("w2"))
+
+
+def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
+    module = ctx.classifier("w2")
+    optimizer = ctx.classifier_optimizer(module)
+    # the second loader is replaced by the generated set when W2's phase starts
+    return PregeneratedClassifierProblem(
+        "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
+        (ctx.train_loader(2), ctx.train_loader(6)), loss_fn=ctx.loss_fn(), lambda_gen=ctx.cfg.train.lambda_gen,
+        gen_per_step=ctx.gen_per_step, total_steps=ctx.total_steps, **ctx.common("w2"))
 
 
 def build_disc(ctx: BuildContext) -> DiscriminatorProblem:
@@ -159,13 +185,23 @@ def build_disc(ctx: BuildContext) -> DiscriminatorProblem:
         diffaugment_policy=parse_policy(ctx.cfg.gan.diffaugment), **ctx.common("disc"))
 
 
+def _generator_settings(ctx: BuildContext) -> dict:
+    return {"g_loss": ctx.gan.g_loss, "diffaugment_policy": parse_policy(ctx.cfg.gan.diffaugment),
+            "batch_size": ctx.cfg.train.batch_size, "num_classes": ctx.num_classes,
+            "image_size": ctx.data.image_shape[-1], "ema_decay": ctx.cfg.gan.ema_decay, **ctx.common("gen")}
+
+
 def build_gen(ctx: BuildContext) -> GeneratorProblem:
     module = ctx.gan.generator
-    return GeneratorProblem(
+    return GeneratorProblem("gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
+                            **_generator_settings(ctx))
+
+
+def build_gen_mtl(ctx: BuildContext) -> MultiTaskGeneratorProblem:
+    module = ctx.gan.generator
+    return MultiTaskGeneratorProblem(
         "gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
-        g_loss=ctx.gan.g_loss, diffaugment_policy=parse_policy(ctx.cfg.gan.diffaugment),
-        batch_size=ctx.cfg.train.batch_size, num_classes=ctx.num_classes, image_size=ctx.data.image_shape[-1],
-        ema_decay=ctx.cfg.gan.ema_decay, **ctx.common("gen"))
+        train_data_loader=ctx.val_loader(7), classifier_weight=ctx.cfg.train.mtl_weight, **_generator_settings(ctx))
 
 
 def build_meta(ctx: BuildContext) -> MetaProblem:
@@ -175,10 +211,31 @@ def build_meta(ctx: BuildContext) -> MetaProblem:
                        train_data_loader=ctx.val_loader(5), gamma=ctx.cfg.train.gamma, **ctx.common("meta"))
 
 
-LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "disc": build_disc, "gen": build_gen, "meta": build_meta}
+def build_w1_mwn(ctx: BuildContext) -> MetaWeightedClassifierProblem:
+    module = ctx.classifier("w1")
+    optimizer = ctx.classifier_optimizer(module)
+    # exact hops: W's loss feeds V the detached loss values, which finite differences of W would move
+    return MetaWeightedClassifierProblem("w1", ctx.level_config("w1", hypergradient="exact"), module, optimizer,
+                                         ctx.classifier_scheduler(optimizer), ctx.train_loader(1),
+                                         loss_fn=ctx.loss_fn(), total_steps=ctx.total_steps, **ctx.common("w1"))
+
+
+def build_mwn(ctx: BuildContext) -> WeightingNetProblem:
+    module = WeightingNet(ctx.cfg.train.mwn_hidden)
+    optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.mwn_lr)
+    return WeightingNetProblem("mwn", ctx.level_config("mwn", retain_graph=True), module, optimizer,
+                               train_data_loader=ctx.val_loader(8), **ctx.common("mwn"))
+
+
+LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "w2_pregenerated": build_w2_pregenerated, "disc": build_disc,
+                  "gen": build_gen, "gen_mtl": build_gen_mtl, "meta": build_meta, "w1_mwn": build_w1_mwn,
+                  "mwn": build_mwn}
 
 
 def build_levels(ctx: BuildContext) -> list:
     """The mode's problems in stepping order; module initialisation is seeded by ``run.seed``."""
+    if ctx.cfg.train.allocator == "worstk" and ctx.cfg.train.worstk_k > ctx.num_classes:
+        raise ConfigError(f"train.worstk_k={ctx.cfg.train.worstk_k} exceeds the {ctx.num_classes} classes of "
+                          f"{ctx.cfg.data.dataset}; lower it")
     torch.manual_seed(ctx.cfg.run.seed)
-    return [LEVEL_BUILDERS[name](ctx) for name in ctx.mode.levels]
+    return [LEVEL_BUILDERS[ctx.mode.kind(name)](ctx) for name in ctx.mode.levels]

@@ -1,7 +1,9 @@
-"""Modes are data: which levels exist, how they are wired, and which phases train them.
+"""Modes are data: which levels exist (and which kind of problem each is), how they are wired, and
+which phases train them.
 
-The levels are built by name in ``experiments.levels``; ``mlo.graph`` turns the edges into a Betty
-engine; ``mlo.trainer`` runs the phases. Adding a mode is adding an entry here.
+The levels are built by kind in ``experiments.levels``; ``mlo.graph`` turns the edges into a Betty
+engine; ``experiments.phases`` turns phase names into ``mlo.trainer.Phase`` objects. Adding a mode
+is adding an entry here.
 """
 from __future__ import annotations
 
@@ -15,12 +17,16 @@ class Mode:
     name: str
     description: str
     levels: tuple[str, ...]                                   # stepping order of the leaves
+    phases: tuple[str, ...]                                   # names in experiments.phases.PHASES
+    kinds: dict[str, str] = field(default_factory=dict)       # level -> builder kind, where not the level's name
     u2l: dict[str, tuple[str, ...]] = field(default_factory=dict)
     l2u: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ready_on: dict[str, tuple[str, ...]] = field(default_factory=dict)
     every_meta: tuple[str, ...] = ()    # levels unrolled ``meta_every`` steps before their uppers step
-    pretrain_gan: bool = False          # a discriminator/generator phase before the main phase
     generates: bool = False             # W2 trains on generated images (reports the allocation)
+
+    def kind(self, level: str) -> str:
+        return self.kinds.get(level, level)
 
     def without(self, level: str) -> "Mode":
         """The same mode with ``level`` and every edge touching it removed (e.g. ``model.meta=none``)."""
@@ -35,22 +41,69 @@ class Mode:
 MODES: dict[str, Mode] = {
     "end2end": Mode(
         name="end2end",
-        description="the method: W1, H, G, W2 and A as one MLO with finite-difference hypergradients",
+        description="the method: W1, H, G, W2 and A as one MLO with hypergradients along five paths",
         # H first and W2 waiting only for W1: W1/H/W2 step every iteration, G and A every meta_every
         levels=("disc", "w1", "gen", "w2", "meta"),
+        phases=("gan_pretrain", "joint"),
         u2l={"meta": ("w1", "w2", "gen", "disc")},
         l2u={"w1": ("meta", "w2"), "disc": ("gen",), "gen": ("w2",), "w2": ("meta",)},
         ready_on={"w2": ("w1",)},
         every_meta=("disc", "w2"),
-        pretrain_gan=True,
+        generates=True,
+    ),
+    "sequential": Mode(
+        name="sequential",
+        description="W1 trained first; then the GAN; then p(s) frozen from W1's validation loss, M images "
+                    "generated once, and W2 trained on real plus generated images",
+        levels=("w1", "disc", "gen", "w2"),
+        phases=("w1", "gan_pretrain", "gan", "w2_pregenerated"),
+        kinds={"w2": "w2_pregenerated"},
+        l2u={"disc": ("gen",)},
+        every_meta=("disc",),
+        generates=True,
+    ),
+    "separate": Mode(
+        name="separate",
+        description="the GAN trained first and frozen; W1, W2 and A as an MLO reading the frozen generator",
+        levels=("disc", "w1", "gen", "w2", "meta"),
+        phases=("gan_pretrain", "gan", "mlo_frozen_gan"),
+        u2l={"meta": ("w1", "w2")},
+        l2u={"w1": ("meta", "w2"), "disc": ("gen",), "w2": ("meta",)},
+        ready_on={"w2": ("w1",)},
+        every_meta=("disc", "w2"),
+        generates=True,
+    ),
+    "mtl": Mode(
+        name="mtl",
+        description="multi-task: G trained on its GAN loss plus W2's loss on its images, W2 on real plus "
+                    "generated images, first order (no meta level, no hypergradients)",
+        levels=("disc", "w1", "gen", "w2"),
+        phases=("gan_pretrain", "joint"),
+        kinds={"gen": "gen_mtl"},
+        l2u={"disc": ("gen",), "w1": ("w2",), "gen": ("w2",)},
+        ready_on={"w2": ("w1",)},
+        every_meta=("disc",),
         generates=True,
     ),
     "vanilla": Mode(
         name="vanilla",
         description="one classifier on the long-tailed training set, no generation",
         levels=("w1",),
+        phases=("joint",),
     ),
 }
+
+
+# train.loss=mwn turns vanilla into Meta-Weight-Net: the weighting network is an upper level of W
+META_WEIGHT_NET = Mode(
+    name="vanilla",
+    description="one classifier whose per-sample losses a weighting network learned on D_val weighs (Meta-Weight-Net)",
+    levels=("w1", "mwn"),
+    phases=("joint",),
+    kinds={"w1": "w1_mwn"},
+    u2l={"mwn": ("w1",)},
+    l2u={"w1": ("mwn",)},
+)
 
 
 def resolve_mode(cfg) -> Mode:
@@ -59,6 +112,11 @@ def resolve_mode(cfg) -> Mode:
     if t.mode not in MODES:
         raise ConfigError(f"train.mode: unknown value '{t.mode}' (choices: {', '.join(MODES)})")
     mode = MODES[t.mode]
+    if t.loss == "mwn":
+        if t.mode != "vanilla":
+            raise ConfigError(f"train.loss=mwn is Meta-Weight-Net, a baseline of train.mode=vanilla "
+                              f"(this is {t.mode}); use another loss here")
+        mode = META_WEIGHT_NET
     if m.meta == "none" and "meta" in mode.levels:
         mode = mode.without("meta")
     if not mode.generates and t.allocator != "needs":
@@ -70,4 +128,6 @@ def resolve_mode(cfg) -> Mode:
     if m.tie_encoders and len({"w2", "disc"} & set(mode.levels)) == 0:
         raise ConfigError(f"model.tie_encoders shares W1's encoder with W2 and H, which train.mode={t.mode} "
                           f"does not have; drop it")
+    if t.mtl_weight != 1.0 and t.mode != "mtl":
+        raise ConfigError(f"train.mtl_weight only applies to train.mode=mtl (this is {t.mode}); drop it")
     return mode

@@ -88,7 +88,7 @@ class GANConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = _f("end2end", "what to train: end2end (the method) or vanilla")
+    mode: str = _f("end2end", "what to train: end2end (the method), sequential, separate, mtl, vanilla")
     epochs: int = _f(30, "passes over the long-tailed training set", min=1)
     batch_size: int = _f(64, "real images per step", min=1)
     optimizer: str = _f("adam", "classifier optimizer", choices=("adam", "sgd"))
@@ -106,7 +106,11 @@ class TrainConfig:
     darts_alpha: float = _f(0.001, "finite-difference step of the darts hops, in parameter norm", min=0.0)
     temperature_start: float = _f(1.0, "Gumbel-softmax temperature at the start", min=1e-6)
     temperature_end: float = _f(0.1, "Gumbel-softmax temperature at the end (exponential anneal)", min=1e-6)
-    allocator: str = _f("needs", "how the generation budget is split between classes")
+    allocator: str = _f("needs", "how the generation budget is split between classes: needs (per-class "
+                                 "validation loss), equal, reciprocal (1/n_c), worstk (mistake-driven)")
+    worstk_k: int = _f(3, "worstk: how many of the worst classes (by validation accuracy) get images", min=1)
+    worstk_fraction: float = _f(0.5, "worstk: generated images per epoch as a fraction of the class's real ones",
+                                min=0.0)
     loss: str = _f("ce", "classification loss of W1 and W2: ce, focal, cb (class-balanced), balanced_softmax, "
                          "ldam_drw, isda")
     focal_gamma: float = _f(2.0, "focal: focusing exponent gamma of (1 - p_y)^gamma (0 is CE)", min=0.0)
@@ -120,6 +124,9 @@ class TrainConfig:
                           min=0.0, max=1.0)
     isda_lambda: float = _f(0.5, "isda: augmentation strength lambda_0, ramped as lambda_0 * fraction of training done",
                             min=0.0)
+    mwn_lr: float = _f(1e-3, "loss=mwn: learning rate of the weighting network (Adam)", min=0.0)
+    mwn_hidden: int = _f(100, "loss=mwn: hidden units of the weighting network", min=1)
+    mtl_weight: float = _f(1.0, "mtl: weight of W2's loss on generated images in the generator's objective", min=0.0)
     gen_per_real: float = _f(1.0, "budget M per epoch, in generated images per real training image", min=0.0)
     precision: str = _f("fp32", "fp32, bf16 or fp16 (fp16 needs CUDA)", choices=("fp32", "bf16", "fp16"))
     max_faults: int = _f(10, "consecutive non-finite steps of one level (skipped) before the run aborts", min=1)

@@ -56,6 +56,12 @@ class CrossEntropy(ClassificationLoss):
         return F.cross_entropy(logits.float(), target, reduction="none")
 
 
+@register_loss("mwn")
+class MetaWeightNetLoss(CrossEntropy):
+    """Per-sample cross-entropy, weighted by Meta-Weight-Net's learned weighting network, a level of
+    its own in ``train.mode=vanilla`` (problems/mwn.py)."""
+
+
 @register_loss("focal")
 class FocalLoss(ClassificationLoss):
     """Lin et al.'s ``(1 − p_y)^γ · CE`` on the softmax (no α; γ = 0 is CE)."""

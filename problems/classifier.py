@@ -80,12 +80,17 @@ class RefinedClassifierProblem(ClassifierProblem):
 
     def prepare_batch(self, data):
         (x, y), (x_val, y_val) = data
+        return {"x": x, "y": y, **self.generation_noise(self.noise, x_val, y_val)}
+
+    def generation_noise(self, generator: torch.Generator, x_val, y_val) -> dict:
+        """The draws behind ``generate`` (latents, class and keep noise), from ``generator``, plus the
+        validation batch p(s) is computed on and the current temperature."""
         m, dev = self.gen_per_step, self.device
         return {
-            "x": x, "y": y, "x_val": x_val, "y_val": y_val,
-            "z": torch.randn(m, unwrap(self.gen.module).z_dim, generator=self.noise, device=dev),
-            "class_uniforms": uniform_noise((m, self.num_classes), self.noise, dev),
-            "logistic": logistic_noise((m,), self.noise, dev),
+            "x_val": x_val, "y_val": y_val,
+            "z": torch.randn(m, unwrap(self.gen.module).z_dim, generator=generator, device=dev),
+            "class_uniforms": uniform_noise((m, self.num_classes), generator, dev),
+            "logistic": logistic_noise((m,), generator, dev),
             "temperature": temperature(self._count / max(1, self.total_steps), *self.temperatures),
         }
 
@@ -95,11 +100,15 @@ class RefinedClassifierProblem(ClassifierProblem):
         stats.train_counts = self.train_counts.to(stats.val_loss.device)
         return self.allocator(stats), stats
 
-    def training_step(self, batch):
+    def generate(self, batch):
+        """Classes ``o_m ~ p(s)``, keep-weights ``b_m`` and images ``G(o_m, δ_m)`` for the batch's noise."""
         p, stats = self.allocation(batch["x_val"], batch["y_val"])
         classes = sample_classes(p, batch["class_uniforms"])
         keep = keep_weights(p[classes], batch["logistic"], batch["temperature"])
-        generated = self.gen.module(batch["z"], classes)
+        return self.gen.module(batch["z"], classes), classes, keep, p, stats
+
+    def training_step(self, batch):
+        generated, classes, keep, p, stats = self.generate(batch)
         n = batch["y"].shape[0]
         losses = self.per_sample_loss(torch.cat([batch["x"], generated]), torch.cat([batch["y"], classes]),
                                       batch["progress"], real=n)
