@@ -112,7 +112,7 @@ class TrainConfig:
     worstk_fraction: float = _f(0.5, "worstk: generated images per epoch as a fraction of the class's real ones",
                                 min=0.0)
     loss: str = _f("ce", "classification loss of W1 and W2: ce, focal, cb (class-balanced), balanced_softmax, "
-                         "ldam_drw, isda")
+                         "ldam_drw, isda; mwn (Meta-Weight-Net, mode vanilla only)")
     focal_gamma: float = _f(2.0, "focal: focusing exponent gamma of (1 - p_y)^gamma (0 is CE)", min=0.0)
     cb_beta: float = _f(0.9999, "cb and ldam_drw's re-weighting: beta of the weights (1 - beta)/(1 - beta^n_c), "
                                 "in [0, 1)", min=0.0, max=1.0)
