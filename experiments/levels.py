@@ -181,12 +181,12 @@ def build_disc(ctx: BuildContext) -> DiscriminatorProblem:
     module = ctx.gan.discriminator
     return DiscriminatorProblem(
         "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, ctx.cfg.gan.d_lr),
-        train_data_loader=ctx.train_loader(4), d_loss=ctx.gan.d_loss,
+        train_data_loader=ctx.train_loader(4), objective=ctx.gan.objective,
         diffaugment_policy=parse_policy(ctx.cfg.gan.diffaugment), **ctx.common("disc"))
 
 
 def _generator_settings(ctx: BuildContext) -> dict:
-    return {"g_loss": ctx.gan.g_loss, "diffaugment_policy": parse_policy(ctx.cfg.gan.diffaugment),
+    return {"objective": ctx.gan.objective, "diffaugment_policy": parse_policy(ctx.cfg.gan.diffaugment),
             "batch_size": ctx.cfg.train.batch_size, "num_classes": ctx.num_classes,
             "image_size": ctx.data.image_shape[-1], "ema_decay": ctx.cfg.gan.ema_decay, **ctx.common("gen")}
 

@@ -5,6 +5,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from mlo.models.gan.diffaugment import diffaugment, sample_params
+from mlo.models.gan.losses import GANObjective
 from problems.base import LevelProblem, unwrap
 
 
@@ -12,9 +13,9 @@ class DiscriminatorProblem(LevelProblem):
     """H: ``max_H`` of the GAN objective on real training images vs G's images of the same classes."""
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 d_loss, diffaugment_policy: tuple[str, ...], **kwargs):
+                 objective: GANObjective, diffaugment_policy: tuple[str, ...], **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
-        self.d_loss = d_loss
+        self.objective = objective
         self.policy = diffaugment_policy
 
     def forward(self, x, y):
@@ -28,24 +29,25 @@ class DiscriminatorProblem(LevelProblem):
             "z": torch.randn(n, unwrap(self.gen.module).z_dim, generator=self.noise, device=dev),
             "aug_real": sample_params(self.policy, n, size, self.noise, dev),
             "aug_fake": sample_params(self.policy, n, size, self.noise, dev),
+            "loss_noise": self.objective.sample_noise(n, self.noise, dev),
         }
 
     def training_step(self, batch):
         with torch.no_grad():
             fake = self.gen.module(batch["z"], batch["y"])
-        real_logits = self(diffaugment(batch["x"], batch["aug_real"]), batch["y"])
-        fake_logits = self(diffaugment(fake, batch["aug_fake"]), batch["y"])
-        return self.d_loss(real_logits, fake_logits)
+        y = batch["y"]
+        return self.objective.discriminator_loss(self, diffaugment(batch["x"], batch["aug_real"]), y,
+                                                 diffaugment(fake, batch["aug_fake"]), y, batch["loss_noise"]).loss
 
 
 class GeneratorProblem(LevelProblem):
     """G: ``min_G`` of the GAN objective for uniformly drawn classes; keeps an EMA copy for sampling."""
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 g_loss, diffaugment_policy: tuple[str, ...], batch_size: int, num_classes: int,
+                 objective: GANObjective, diffaugment_policy: tuple[str, ...], batch_size: int, num_classes: int,
                  image_size: int, ema_decay: float, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
-        self.g_loss = g_loss
+        self.objective = objective
         self.policy = diffaugment_policy
         self.batch_size = batch_size
         self.num_classes = num_classes
@@ -74,9 +76,12 @@ class GeneratorProblem(LevelProblem):
             "aug": sample_params(self.policy, n, self.image_size, self.noise, dev),
         }
 
+    def gan_loss(self, fake, batch):
+        """G's per-image GAN loss and D's scores of ``fake`` (augmented as D sees it)."""
+        return self.objective.generator_loss(self.disc, diffaugment(fake, batch["aug"]), batch["y"])
+
     def training_step(self, batch):
-        fake = self.module(batch["z"], batch["y"])
-        return self.g_loss(self.disc(diffaugment(fake, batch["aug"]), batch["y"]))
+        return self.gan_loss(self.module(batch["z"], batch["y"]), batch).per_sample.mean()
 
     def param_callback(self):
         self.ema.update_parameters(unwrap(self.module))

@@ -12,9 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlo.models import register_model
-from mlo.models.gan import GAN, hinge_loss
+from mlo.models.gan import GAN
 from mlo.models.gan.biggan import ProjectionDiscriminator
 from mlo.models.gan.layers import snlinear
+from mlo.models.gan.losses import HINGE, GANObjective
 
 
 class TanhEncoder(nn.Module):
@@ -49,5 +50,4 @@ def tiny_tanh_gan(image_shape, num_classes, feature_dim, cfg, encoder=None, neck
     c, h, w = image_shape
     body = encoder if encoder is not None else TanhEncoder(c * h * w, feature_dim, linear=snlinear)
     return GAN(generator=TanhGenerator(image_shape, num_classes, cfg.z_dim, cfg.gan_ch),
-               discriminator=ProjectionDiscriminator(body, num_classes, neck=neck),
-               d_loss=hinge_loss.discriminator, g_loss=hinge_loss.generator)
+               discriminator=ProjectionDiscriminator(body, num_classes, neck=neck), objective=GANObjective(HINGE))
