@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from mlo.budget import Allocator, create_allocator
-from mlo.config import Config
+from mlo.config import Config, GANConfig
 from mlo.data import LongTailData
 from mlo.data.loaders import derive_seed, make_loader
 from mlo.errors import ConfigError
@@ -101,10 +101,13 @@ class BuildContext:
 
     @cached_property
     def gan(self) -> GAN:
+        g = self.cfg.gan
         tied = self.w1_encoder if self.cfg.model.encoders_tied else None
-        return create_model("gan", self.cfg.gan.generator, image_shape=self.data.image_shape,
-                            num_classes=self.num_classes, feature_dim=self.feature_dim, cfg=self.cfg.gan,
-                            encoder=tied, neck=self.own_neck("disc"))
+        gan = create_model("gan", g.generator, image_shape=self.data.image_shape, num_classes=self.num_classes,
+                           feature_dim=self.feature_dim, cfg=g, encoder=tied, neck=self.own_neck("disc"))
+        if g.gp_weight != GANConfig().gp_weight and gan.objective.gp_weight != g.gp_weight:
+            raise ConfigError(f"gan.gp_weight: gan.generator={g.generator} has no gradient penalty; drop it")
+        return gan
 
     def loss_fn(self) -> ClassificationLoss:
         """A fresh loss for each level: a loss's statistics (ISDA) belong to one classifier."""
@@ -178,6 +181,11 @@ def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
 
 
 def build_disc(ctx: BuildContext) -> DiscriminatorProblem:
+    if ctx.gan.objective.gp_weight and ctx.cfg.train.hypergradient == "exact" and any(
+            "disc" in lowers for lowers in ctx.mode.u2l.values()):
+        raise ConfigError(f"train.hypergradient=exact: the exact hop through H would differentiate the gradient "
+                          f"penalty of gan.generator={ctx.cfg.gan.generator} three times, and torch has no third "
+                          f"derivative of the batch norm in A; use train.hypergradient=darts")
     module = ctx.gan.discriminator
     return DiscriminatorProblem(
         "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, ctx.cfg.gan.d_lr),

@@ -74,7 +74,9 @@ class ModelConfig:
 
 @dataclass
 class GANConfig:
-    generator: str = _f("biggan", "class-conditional GAN, by registered name")
+    generator: str = _f("biggan", "class-conditional GAN, by registered name: biggan (hinge loss), vcgan "
+                                  "(label concatenated to z and D's input, JS loss), acgan (auxiliary classifier), "
+                                  "wacgan_gp (AC-GAN with Wasserstein loss and gradient penalty)")
     gan_ch: int = _f(32, "GAN channel multiplier (BigGAN's ch)", min=1)
     z_dim: int = _f(32, "latent size, split into one chunk per generator block (hierarchical z)", min=1)
     shared_dim: int = _f(32, "size of the shared class embedding of the generator", min=1)
@@ -84,6 +86,7 @@ class GANConfig:
     ema_decay: float = _f(0.999, "decay of the generator's exponential moving average", min=0.0, max=1.0)
     diffaugment: str = _f("translation,cutout", "DiffAugment policy for D's inputs ('none' for off)")
     gan_pretrain_steps: int = _f(200, "discriminator/generator steps before the MLO starts", min=0)
+    gp_weight: float = _f(10.0, "wacgan_gp: weight lambda_gp of the gradient penalty", min=0.0)
 
 
 @dataclass
