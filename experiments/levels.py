@@ -140,10 +140,11 @@ class BuildContext:
         return {"seed": self.cfg.run.seed, "ready_on": list(self.mode.ready_on[name]) if name in self.mode.ready_on else None}
 
     # ----- data --------------------------------------------------------------------------------
-    def train_loader(self, key: int):
+    def train_loader(self, key: int, batch_size: int | None = None):
         d = self.data
-        return make_loader("shuffle", d.train_images, d.train_labels, self.cfg.train.batch_size, seed=self.seed(key),
-                           augment=self.cfg.data.augment, device=self.device, workers=self.cfg.data.num_workers)
+        return make_loader("shuffle", d.train_images, d.train_labels, batch_size or self.cfg.train.batch_size,
+                           seed=self.seed(key), augment=self.cfg.data.augment, device=self.device,
+                           workers=self.cfg.data.num_workers)
 
     def val_loader(self, key: int):
         d = self.data
@@ -167,7 +168,7 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
         (ctx.train_loader(2), ctx.val_loader(3)), loss_fn=ctx.loss_fn(), allocator=ctx.allocator,
         train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
-        total_steps=ctx.total_steps, **ctx.common("w2"))
+        total_steps=ctx.total_steps, decov_weight=t.decov_weight, **ctx.common("w2"))
 
 
 def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
@@ -186,17 +187,21 @@ def build_disc(ctx: BuildContext) -> DiscriminatorProblem:
         raise ConfigError(f"train.hypergradient=exact: the exact hop through H would differentiate the gradient "
                           f"penalty of gan.generator={ctx.cfg.gan.generator} three times, and torch has no third "
                           f"derivative of the batch norm in A; use train.hypergradient=darts")
+    g, batch = ctx.cfg.gan, ctx.cfg.train.batch_size
     module = ctx.gan.discriminator
     return DiscriminatorProblem(
-        "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, ctx.cfg.gan.d_lr),
-        train_data_loader=ctx.train_loader(4), objective=ctx.gan.objective,
-        diffaugment_policy=parse_policy(ctx.cfg.gan.diffaugment), **ctx.common("disc"))
+        "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, g.d_lr),
+        train_data_loader=ctx.train_loader(4, batch_size=batch * g.coreset_factor), objective=ctx.gan.objective,
+        diffaugment_policy=parse_policy(g.diffaugment), batch_size=batch, lecam_weight=g.lecam_weight,
+        lecam_decay=g.lecam_decay, **ctx.common("disc"))
 
 
 def _generator_settings(ctx: BuildContext) -> dict:
-    return {"objective": ctx.gan.objective, "diffaugment_policy": parse_policy(ctx.cfg.gan.diffaugment),
+    g = ctx.cfg.gan
+    return {"objective": ctx.gan.objective, "diffaugment_policy": parse_policy(g.diffaugment),
             "batch_size": ctx.cfg.train.batch_size, "num_classes": ctx.num_classes,
-            "image_size": ctx.data.image_shape[-1], "ema_decay": ctx.cfg.gan.ema_decay, **ctx.common("gen")}
+            "image_size": ctx.data.image_shape[-1], "ema_decay": g.ema_decay, "topk_min_fraction": g.topk_min_fraction,
+            "topk_decay": g.topk_decay, **ctx.common("gen")}
 
 
 def build_gen(ctx: BuildContext) -> GeneratorProblem:

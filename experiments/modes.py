@@ -106,6 +106,10 @@ META_WEIGHT_NET = Mode(
 )
 
 
+# kinds of W2 whose loss takes the DeCov penalty of its features of the images it generates as it trains
+DECOV_KINDS = ("w2",)
+
+
 def resolve_mode(cfg) -> Mode:
     """The mode the config asks for, after refusing settings that would silently do nothing in it."""
     t, m = cfg.train, cfg.model
@@ -130,4 +134,17 @@ def resolve_mode(cfg) -> Mode:
                           f"does not have; drop it")
     if t.mtl_weight != 1.0 and t.mode != "mtl":
         raise ConfigError(f"train.mtl_weight only applies to train.mode=mtl (this is {t.mode}); drop it")
+    return with_gan_options(cfg, mode)
+
+
+def with_gan_options(cfg, mode: Mode) -> Mode:
+    """The mode, after refusing GAN options that would do nothing in it."""
+    g, t, defaults = cfg.gan, cfg.train, type(cfg.gan)()
+    reducers = [f"gan.{k}" for k in ("topk_min_fraction", "coreset_factor", "lecam_weight")
+                if getattr(g, k) != getattr(defaults, k)]
+    if reducers and not {"disc", "gen"} <= set(mode.levels):
+        raise ConfigError(f"{reducers[0]} acts on the GAN, which train.mode={t.mode} does not train; drop it")
+    if t.decov_weight and not ("w2" in mode.levels and mode.kind("w2") in DECOV_KINDS):
+        raise ConfigError(f"train.decov_weight acts on the features of the images W2 generates as it trains, "
+                          f"which train.mode={t.mode} does not do; drop it")
     return mode

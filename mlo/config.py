@@ -87,6 +87,15 @@ class GANConfig:
     diffaugment: str = _f("translation,cutout", "DiffAugment policy for D's inputs ('none' for off)")
     gan_pretrain_steps: int = _f(200, "discriminator/generator steps before the MLO starts", min=0)
     gp_weight: float = _f(10.0, "wacgan_gp: weight lambda_gp of the gradient penalty", min=0.0)
+    topk_min_fraction: float = _f(1.0, "top-k generator updates: only this fraction of the fakes D scores highest "
+                                       "counts in G's loss, annealed down from 1 (1: off)", min=0.0, max=1.0)
+    topk_decay: float = _f(0.99, "top-k: factor on the fraction per generator step, down to topk_min_fraction",
+                           min=0.0, max=1.0)
+    coreset_factor: int = _f(1, "core-set batches: D's real batch is chosen by greedy k-center from this many "
+                                "times as many candidates (1: off)", min=1)
+    lecam_weight: float = _f(0.0, "LeCam regularization of D towards moving averages of its scores (0: off)",
+                             min=0.0)
+    lecam_decay: float = _f(0.99, "LeCam: decay of the moving averages (anchors) of D's scores", min=0.0, max=1.0)
 
 
 @dataclass
@@ -131,6 +140,7 @@ class TrainConfig:
     mwn_hidden: int = _f(100, "loss=mwn: hidden units of the weighting network", min=1)
     mtl_weight: float = _f(1.0, "mtl: weight of W2's loss on generated images in the generator's objective", min=0.0)
     gen_per_real: float = _f(1.0, "budget M per epoch, in generated images per real training image", min=0.0)
+    decov_weight: float = _f(0.0, "DeCov regularizer on W2's features of generated images (0: off)", min=0.0)
     precision: str = _f("fp32", "fp32, bf16 or fp16 (fp16 needs CUDA)", choices=("fp32", "bf16", "fp16"))
     max_faults: int = _f(10, "consecutive non-finite steps of one level (skipped) before the run aborts", min=1)
 

@@ -185,3 +185,11 @@ def create_loss(name: str, class_counts, **options) -> ClassificationLoss:
     cls = LOSSES[name]
     accepted = inspect.signature(cls).parameters
     return cls(torch.as_tensor(class_counts, dtype=torch.float), **{k: v for k, v in options.items() if k in accepted})
+
+
+def decov(features: torch.Tensor) -> torch.Tensor:
+    """DeCov (Cogswell et al., 2016): ``½ (‖C‖²_F − ‖diag C‖²)`` of the batch covariance ``C`` of
+    ``features`` (N, D): penalises correlations between feature dimensions, not their variances."""
+    centred = features.float() - features.float().mean(dim=0)
+    cov = centred.T @ centred / features.shape[0]
+    return 0.5 * (cov.pow(2).sum() - cov.diagonal().pow(2).sum())

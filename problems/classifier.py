@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mlo.budget import Allocator, keep_weights, logistic_noise, per_class_val_loss, sample_classes, temperature, uniform_noise
-from mlo.losses import ClassificationLoss
+from mlo.losses import ClassificationLoss, decov
 from problems.base import LevelProblem, unwrap
 
 
@@ -36,15 +36,20 @@ class ClassifierProblem(LevelProblem):
         batch["progress"] = (self._count - 1) / max(1, self.total_steps)  # Betty counted this step already
         return batch
 
-    def per_sample_loss(self, x, y, progress: float, real: int):
-        """Losses of images ``x`` against ``y``; the first ``real`` are training images, whose
-        features a loss with statistics takes in before the next own step (never from a hop)."""
-        if not self.loss_fn.needs_features:
+    def per_sample_loss(self, x, y, progress: float, real: int, with_features: bool = False):
+        """Losses of images ``x`` against ``y`` (and, ``with_features``, their features before the
+        head); the first ``real`` are training images, whose features a loss with statistics takes
+        in before the next own step (never from a hop)."""
+        if not (self.loss_fn.needs_features or with_features):
             return self.loss_fn(self(x), y, progress=progress)
         logits, features = self.module(x, self.shared_neck, with_features=True)
-        if self._own_step:
-            self.pending_features = (features[:real].detach(), y[:real])
-        return self.loss_fn(logits, y, progress=progress, head_weight=unwrap(self.module).head.weight)
+        head = {}
+        if self.loss_fn.needs_features:
+            if self._own_step:
+                self.pending_features = (features[:real].detach(), y[:real])
+            head["head_weight"] = unwrap(self.module).head.weight
+        losses = self.loss_fn(logits, y, progress=progress, **head)
+        return (losses, features) if with_features else losses
 
     def training_step(self, batch):
         return self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"])).mean()
@@ -63,12 +68,14 @@ class RefinedClassifierProblem(ClassifierProblem):
 
     ``p(s)`` comes from the allocator applied to W1's per-class loss on a class-balanced
     validation batch, so b_m carries gradients to W1 and A; o_m, δ_m and the Gumbel noise are
-    drawn in ``prepare_batch``.
+    drawn in ``prepare_batch``. ``decov_weight`` adds the DeCov penalty of W2's features of the
+    generated images.
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
                  loss_fn: ClassificationLoss, allocator: Allocator, train_counts, gen_per_step: int,
-                 lambda_gen: float, temperatures: tuple[float, float], total_steps: int, **kwargs):
+                 lambda_gen: float, temperatures: tuple[float, float], total_steps: int, decov_weight: float = 0.0,
+                 **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn,
                          total_steps=total_steps, **kwargs)
         self.allocator = allocator
@@ -77,6 +84,7 @@ class RefinedClassifierProblem(ClassifierProblem):
         self.gen_per_step = gen_per_step
         self.lambda_gen = lambda_gen
         self.temperatures = temperatures
+        self.decov_weight = decov_weight
 
     def prepare_batch(self, data):
         (x, y), (x_val, y_val) = data
@@ -110,11 +118,14 @@ class RefinedClassifierProblem(ClassifierProblem):
     def training_step(self, batch):
         generated, classes, keep, p, stats = self.generate(batch)
         n = batch["y"].shape[0]
-        losses = self.per_sample_loss(torch.cat([batch["x"], generated]), torch.cat([batch["y"], classes]),
-                                      batch["progress"], real=n)
+        losses, features = self.per_sample_loss(torch.cat([batch["x"], generated]), torch.cat([batch["y"], classes]),
+                                                batch["progress"], real=n, with_features=True)
         real_loss = losses[:n].mean()
         gen_loss = (keep * losses[n:]).mean()
         self.record("generated", F.one_hot(classes, self.num_classes).float().mul(keep[:, None]).sum(0))
         self.record("allocation", p)
         self.record("val_loss", stats.val_loss)
-        return real_loss + self.lambda_gen * gen_loss
+        loss = real_loss + self.lambda_gen * gen_loss
+        if self.decov_weight:
+            loss = loss + self.decov_weight * decov(features[n:])
+        return loss

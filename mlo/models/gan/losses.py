@@ -8,7 +8,9 @@ level's ``training_step`` stays a pure function of its batch.
 - adversarial forms: ``hinge`` (BigGAN), ``js`` (non-saturating), ``wasserstein``;
 - an auxiliary classifier (AC-GAN): D also returns class logits, and both players add the class
   cross-entropy of real and fake images;
-- the gradient penalty of WGAN-GP, at interpolates whose coefficients come with the batch.
+- the gradient penalty of WGAN-GP, at interpolates whose coefficients come with the batch;
+- top-k generator updates (Sinha et al., 2020), core-set batches (greedy k-center on cheap
+  features) and LeCam regularization (Tseng et al., 2021).
 """
 from __future__ import annotations
 
@@ -118,3 +120,41 @@ class GANObjective:
         if self.auxiliary_classifier:
             per_sample = per_sample + F.cross_entropy(fake_class, y_fake, reduction="none")
         return GeneratorLoss(per_sample, score)
+# ----- cost reducers and regularizers ------------------------------------------------------------
+def top_k_mean(per_sample: torch.Tensor, scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of ``per_sample`` over the ``round(fraction · n)`` (at least one) generated images that
+    D scores highest (Sinha et al.'s top-k generator update); the plain mean at fraction 1."""
+    k = max(1, round(fraction * per_sample.shape[0]))
+    if k >= per_sample.shape[0]:
+        return per_sample.mean()
+    return per_sample[scores.detach().topk(k).indices].mean()
+
+
+def top_k_fraction(generator_steps: int, decay: float, minimum: float) -> float:
+    """The top-k fraction after ``generator_steps`` steps: annealed from 1 by ``decay`` per step, down to ``minimum``."""
+    return max(minimum, decay ** generator_steps)
+
+
+def lecam_penalty(real_score: torch.Tensor, fake_score: torch.Tensor, anchor_real: torch.Tensor,
+                  anchor_fake: torch.Tensor) -> torch.Tensor:
+    """Tseng et al.'s ``E(D(real) − α_fake)² + E(D(fake) − α_real)²``, with ``α`` moving averages of
+    D's scores on real and fake images (state of the discriminator's level)."""
+    return (real_score - anchor_fake).pow(2).mean() + (fake_score - anchor_real).pow(2).mean()
+
+
+def cheap_features(images: torch.Tensor, side: int = 8) -> torch.Tensor:
+    """Images average-pooled to at most ``side``×``side`` and flattened: the features of core-set selection."""
+    size = min(side, images.shape[-1])
+    return F.adaptive_avg_pool2d(images.float(), size).flatten(1)
+
+
+def k_center(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of ``k`` rows chosen by greedy k-center (Sener & Savarese): the first row, then
+    repeatedly the row farthest from those chosen. Deterministic given the rows."""
+    chosen = [0]
+    distance = (features - features[0]).norm(dim=1)
+    for _ in range(min(k, features.shape[0]) - 1):
+        nxt = int(distance.argmax())
+        chosen.append(nxt)
+        distance = torch.minimum(distance, (features - features[nxt]).norm(dim=1))
+    return torch.tensor(chosen, device=features.device)
