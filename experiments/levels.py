@@ -22,8 +22,9 @@ from mlo.models.heads import WeightingNet
 from mlo.models.encoders import load_encoder_weights
 from mlo.models.gan import GAN
 from mlo.models.gan.diffaugment import parse_policy
+from mlo.models.gan.sampling import LearnedTruncation
 from problems import (ClassifierProblem, DiscriminatorProblem, GeneratorProblem, MetaProblem,
-                      RefinedClassifierProblem, level_config)
+                      RefinedClassifierProblem, TruncationProblem, level_config)
 from problems.multitask import MultiTaskGeneratorProblem
 from problems.mwn import MetaWeightedClassifierProblem, WeightingNetProblem
 from problems.sequential import PregeneratedClassifierProblem
@@ -168,7 +169,8 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
         (ctx.train_loader(2), ctx.val_loader(3)), loss_fn=ctx.loss_fn(), allocator=ctx.allocator,
         train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
-        total_steps=ctx.total_steps, decov_weight=t.decov_weight, **ctx.common("w2"))
+        total_steps=ctx.total_steps, truncation=None if ctx.cfg.gan.learn_truncation else ctx.cfg.gan.truncation,
+        decov_weight=t.decov_weight, **ctx.common("w2"))
 
 
 def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
@@ -217,6 +219,14 @@ def build_gen_mtl(ctx: BuildContext) -> MultiTaskGeneratorProblem:
         train_data_loader=ctx.val_loader(7), classifier_weight=ctx.cfg.train.mtl_weight, **_generator_settings(ctx))
 
 
+def build_trunc(ctx: BuildContext) -> TruncationProblem:
+    g = ctx.cfg.gan
+    module = LearnedTruncation(g.truncation)
+    return TruncationProblem("trunc", ctx.level_config("trunc", retain_graph=True), module,
+                             torch.optim.Adam(module.parameters(), lr=g.truncation_lr),
+                             batch_size=ctx.gen_per_step, num_classes=ctx.num_classes, **ctx.common("trunc"))
+
+
 def build_meta(ctx: BuildContext) -> MetaProblem:
     module = ctx.meta_block
     optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.meta_lr)
@@ -242,7 +252,7 @@ def build_mwn(ctx: BuildContext) -> WeightingNetProblem:
 
 LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "w2_pregenerated": build_w2_pregenerated, "disc": build_disc,
                   "gen": build_gen, "gen_mtl": build_gen_mtl, "meta": build_meta, "w1_mwn": build_w1_mwn,
-                  "mwn": build_mwn}
+                  "mwn": build_mwn, "trunc": build_trunc}
 
 
 def build_levels(ctx: BuildContext) -> list:

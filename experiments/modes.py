@@ -37,6 +37,12 @@ class Mode:
                        l2u=prune(self.l2u), ready_on=prune(self.ready_on),
                        every_meta=tuple(n for n in self.every_meta if n != level))
 
+    def with_upper(self, level: str, lower: str) -> "Mode":
+        """The same mode with ``level`` added as an upper level of ``lower`` only (its loss reads
+        ``lower``, whose solution depends on it), stepped when ``lower`` finishes an unroll."""
+        return replace(self, levels=self.levels + (level,), u2l={**self.u2l, level: (lower,)},
+                       l2u={**self.l2u, lower: self.l2u.get(lower, ()) + (level,)})
+
 
 MODES: dict[str, Mode] = {
     "end2end": Mode(
@@ -138,7 +144,8 @@ def resolve_mode(cfg) -> Mode:
 
 
 def with_gan_options(cfg, mode: Mode) -> Mode:
-    """The mode, after refusing GAN options that would do nothing in it."""
+    """The mode with the learned-truncation level ``trunc`` if asked for, after refusing GAN options
+    that would do nothing in it."""
     g, t, defaults = cfg.gan, cfg.train, type(cfg.gan)()
     reducers = [f"gan.{k}" for k in ("topk_min_fraction", "coreset_factor", "lecam_weight")
                 if getattr(g, k) != getattr(defaults, k)]
@@ -147,4 +154,12 @@ def with_gan_options(cfg, mode: Mode) -> Mode:
     if t.decov_weight and not ("w2" in mode.levels and mode.kind("w2") in DECOV_KINDS):
         raise ConfigError(f"train.decov_weight acts on the features of the images W2 generates as it trains, "
                           f"which train.mode={t.mode} does not do; drop it")
-    return mode
+    if g.truncation is not None and not mode.generates:
+        raise ConfigError(f"gan.truncation truncates the latents of the images W2 trains on, and train.mode={t.mode} "
+                          f"generates none; drop it")
+    if not g.learn_truncation:
+        return mode
+    if mode.kind("w2") != "w2":
+        raise ConfigError(f"gan.learn_truncation learns tau through W2's training on images it generates at tau as "
+                          f"it trains, which train.mode={t.mode} does not do; use a fixed gan.truncation")
+    return mode.with_upper("trunc", "w2")

@@ -11,6 +11,7 @@ import torch
 from mlo.budget import per_class_val_loss, sample_classes, uniform_noise
 from mlo.data.loaders import make_loader, to_uint8
 from mlo.metrics import predict
+from mlo.models.gan.sampling import truncate
 from mlo.trainer import Phase
 
 GENERATION_CHUNK = 500
@@ -47,8 +48,13 @@ def pregenerate(run) -> None:
     count = ctx.allocator.images_per_epoch(data.train_counts, stats)
     noise = torch.Generator(device=device).manual_seed(ctx.seed(77))
     classes = sample_classes(p, uniform_noise((count, data.num_classes), noise, device))
-    images = torch.cat([ema(torch.randn(len(c), ema.z_dim, generator=noise, device=device), c)
-                        for c in classes.split(GENERATION_CHUNK)])
+    tau = run.cfg.gan.truncation
+
+    def latents(n):
+        z = torch.randn(n, ema.z_dim, generator=noise, device=device)
+        return z if tau is None else truncate(z, tau)
+
+    images = torch.cat([ema(latents(len(c)), c) for c in classes.split(GENERATION_CHUNK)])
     w2.set_generated(to_uint8(images), classes, seed=ctx.seed(78))
     run.pregenerated = {"generated": torch.bincount(classes, minlength=data.num_classes).float(), "allocation": p}
     run.engine.train()

@@ -116,6 +116,9 @@ class Run:
         for name, rec in self.last_epoch.items():
             if "steps" in rec:
                 row[f"{name}_loss"] = round(float(rec["loss"] / rec["steps"]), 4)
+                # other scalar statistics (a learned truncation's tau): their mean over the epoch's steps
+                row.update({f"{name}_{k}": round(float(v / rec["steps"]), 4) for k, v in rec.items()
+                            if k not in ("loss", "steps") and v.dim() == 0})
         generated = self.allocation_summary()
         if generated is not None:
             row["generated"] = round(float(generated["generated"].sum()), 1)

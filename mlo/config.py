@@ -87,6 +87,11 @@ class GANConfig:
     diffaugment: str = _f("translation,cutout", "DiffAugment policy for D's inputs ('none' for off)")
     gan_pretrain_steps: int = _f(200, "discriminator/generator steps before the MLO starts", min=0)
     gp_weight: float = _f(10.0, "wacgan_gp: weight lambda_gp of the gradient penalty", min=0.0)
+    truncation: float | None = _f(None, "latent truncation tau of the images W2 trains on, "
+                                        "z_tau = sign(z) * min(|z|, tau); null: none", min=1e-3)
+    learn_truncation: bool = _f(False, "learn tau (starting at gan.truncation) as an extra level, trunc, that "
+                                       "minimises W2's cross-entropy on generated images")
+    truncation_lr: float = _f(0.01, "learning rate of the learned truncation (Adam on softplus^-1(tau))", min=0.0)
     topk_min_fraction: float = _f(1.0, "top-k generator updates: only this fraction of the fakes D scores highest "
                                        "counts in G's loss, annealed down from 1 (1: off)", min=0.0, max=1.0)
     topk_decay: float = _f(0.99, "top-k: factor on the fraction per generator step, down to topk_min_fraction",
@@ -359,6 +364,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.temperature_end > cfg.train.temperature_start:
         raise ConfigError(f"train.temperature_end={cfg.train.temperature_end:g} is above train.temperature_start="
                           f"{cfg.train.temperature_start:g}: the Gumbel temperature anneals downwards")
+    if cfg.gan.learn_truncation and cfg.gan.truncation is None:
+        raise ConfigError("gan.learn_truncation: needs gan.truncation, the tau to start from (e.g. gan.truncation=2)")
     if cfg.run.name is not None and (not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", "..")):
         raise ConfigError(f"run.name: must be a plain folder name, got '{cfg.run.name}'")
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from mlo.budget import Allocator, keep_weights, logistic_noise, per_class_val_loss, sample_classes, temperature, uniform_noise
 from mlo.losses import ClassificationLoss, decov
+from mlo.models.gan.sampling import truncate
 from problems.base import LevelProblem, unwrap
 
 
@@ -68,14 +69,15 @@ class RefinedClassifierProblem(ClassifierProblem):
 
     ``p(s)`` comes from the allocator applied to W1's per-class loss on a class-balanced
     validation batch, so b_m carries gradients to W1 and A; o_m, δ_m and the Gumbel noise are
-    drawn in ``prepare_batch``. ``decov_weight`` adds the DeCov penalty of W2's features of the
-    generated images.
+    drawn in ``prepare_batch``. The latents are truncated at the τ of a ``trunc`` level (learned)
+    or at ``truncation`` (fixed), if either is given; ``decov_weight`` adds the DeCov penalty of
+    W2's features of the generated images.
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
                  loss_fn: ClassificationLoss, allocator: Allocator, train_counts, gen_per_step: int,
-                 lambda_gen: float, temperatures: tuple[float, float], total_steps: int, decov_weight: float = 0.0,
-                 **kwargs):
+                 lambda_gen: float, temperatures: tuple[float, float], total_steps: int,
+                 truncation: float | None = None, decov_weight: float = 0.0, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn,
                          total_steps=total_steps, **kwargs)
         self.allocator = allocator
@@ -84,6 +86,7 @@ class RefinedClassifierProblem(ClassifierProblem):
         self.gen_per_step = gen_per_step
         self.lambda_gen = lambda_gen
         self.temperatures = temperatures
+        self.truncation = truncation
         self.decov_weight = decov_weight
 
     def prepare_batch(self, data):
@@ -108,12 +111,19 @@ class RefinedClassifierProblem(ClassifierProblem):
         stats.train_counts = self.train_counts.to(stats.val_loss.device)
         return self.allocator(stats), stats
 
+    def latents(self, z):
+        """The generator's latents δ_m, truncated at the learned or the fixed τ, if any."""
+        learned = getattr(self, "trunc", None)  # Betty sets levels as attributes, by name
+        if learned is not None:
+            return learned.module(z)
+        return z if self.truncation is None else truncate(z, self.truncation)
+
     def generate(self, batch):
         """Classes ``o_m ~ p(s)``, keep-weights ``b_m`` and images ``G(o_m, δ_m)`` for the batch's noise."""
         p, stats = self.allocation(batch["x_val"], batch["y_val"])
         classes = sample_classes(p, batch["class_uniforms"])
         keep = keep_weights(p[classes], batch["logistic"], batch["temperature"])
-        return self.gen.module(batch["z"], classes), classes, keep, p, stats
+        return self.gen.module(self.latents(batch["z"]), classes), classes, keep, p, stats
 
     def training_step(self, batch):
         generated, classes, keep, p, stats = self.generate(batch)

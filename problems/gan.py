@@ -1,7 +1,8 @@
-"""H, the discriminator, and G, the class-conditional generator."""
+"""H, the discriminator; G, the class-conditional generator; and τ, the learned latent truncation."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 from mlo.models.gan.diffaugment import diffaugment, sample_params
@@ -141,3 +142,32 @@ class GeneratorProblem(LevelProblem):
     def load_level_state(self, state):
         super().load_level_state(state)
         self.ema.load_state_dict(state["ema"])
+
+
+class TruncationProblem(LevelProblem):
+    """τ, the truncation of the latents of W2's generated images (``z_τ = sign(z)·min(|z|, τ)``):
+    ``min_τ CE(W2(G(z_τ, y)), y)`` for uniformly drawn classes.
+
+    An upper level of W2 (``u2l = {trunc: [w2]}``, ``l2u = {w2: [..., trunc]}``): τ's gradient is
+    the direct one, through G on truncated latents, plus the hypergradient through W2, whose
+    training images are drawn at τ.
+    """
+
+    def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
+                 batch_size: int, num_classes: int, **kwargs):
+        super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
+        self.batch_size = batch_size
+        self.num_classes = num_classes
+
+    def prepare_batch(self, data):
+        n, dev = self.batch_size, self.device
+        return {
+            "z": torch.randn(n, unwrap(self.gen.module).z_dim, generator=self.noise, device=dev),
+            "y": torch.randint(0, self.num_classes, (n,), generator=self.noise, device=dev),
+        }
+
+    def training_step(self, batch):
+        fake = self.gen.module(self.module(batch["z"]), batch["y"])
+        loss = F.cross_entropy(self.w2(fake), batch["y"])
+        self.record("tau", unwrap(self.module).tau)
+        return loss
