@@ -5,7 +5,7 @@ and, where a level is not of the kind of its name, which kind it is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -22,9 +22,11 @@ from mlo.models.heads import WeightingNet
 from mlo.models.encoders import load_encoder_weights
 from mlo.models.gan import GAN
 from mlo.models.gan.diffaugment import parse_policy
+from mlo.models.gan.losses import ADVERSARIAL_LOSSES, GANObjective
 from mlo.models.gan.sampling import LearnedTruncation
-from problems import (ClassifierProblem, DiscriminatorProblem, GeneratorProblem, MetaProblem,
-                      RefinedClassifierProblem, TruncationProblem, level_config)
+from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem,
+                      DiscriminatorProblem, GeneratorProblem, MetaProblem, RefinedClassifierProblem,
+                      TruncationProblem, level_config)
 from problems.multitask import MultiTaskGeneratorProblem
 from problems.mwn import MetaWeightedClassifierProblem, WeightingNetProblem
 from problems.sequential import PregeneratedClassifierProblem
@@ -183,8 +185,9 @@ def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
         gen_per_step=ctx.gen_per_step, total_steps=ctx.total_steps, **ctx.common("w2"))
 
 
-def build_disc(ctx: BuildContext) -> DiscriminatorProblem:
-    if ctx.gan.objective.gp_weight and ctx.cfg.train.hypergradient == "exact" and any(
+def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> DiscriminatorProblem:
+    objective = objective or ctx.gan.objective
+    if objective.gp_weight and ctx.cfg.train.hypergradient == "exact" and any(
             "disc" in lowers for lowers in ctx.mode.u2l.values()):
         raise ConfigError(f"train.hypergradient=exact: the exact hop through H would differentiate the gradient "
                           f"penalty of gan.generator={ctx.cfg.gan.generator} three times, and torch has no third "
@@ -193,7 +196,7 @@ def build_disc(ctx: BuildContext) -> DiscriminatorProblem:
     module = ctx.gan.discriminator
     return DiscriminatorProblem(
         "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, g.d_lr),
-        train_data_loader=ctx.train_loader(4, batch_size=batch * g.coreset_factor), objective=ctx.gan.objective,
+        train_data_loader=ctx.train_loader(4, batch_size=batch * g.coreset_factor), objective=objective,
         diffaugment_policy=parse_policy(g.diffaugment), batch_size=batch, lecam_weight=g.lecam_weight,
         lecam_decay=g.lecam_decay, **ctx.common("disc"))
 
@@ -234,6 +237,34 @@ def build_meta(ctx: BuildContext) -> MetaProblem:
                        train_data_loader=ctx.val_loader(5), gamma=ctx.cfg.train.gamma, **ctx.common("meta"))
 
 
+# ----- adversarial (worst-case) generation ----------------------------------------------------------
+def adversarial_objective(ctx: BuildContext) -> GANObjective:
+    """The GAN's objective with the critic game in ``train.adversarial_form``."""
+    return replace(ctx.gan.objective, adversarial=ADVERSARIAL_LOSSES[ctx.cfg.train.adversarial_form])
+
+
+def build_adversarial_classifier(ctx: BuildContext) -> AdversarialClassifierProblem:
+    t = ctx.cfg.train
+    module = ctx.classifier("w2")
+    optimizer = ctx.classifier_optimizer(module)
+    return AdversarialClassifierProblem(
+        "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer), ctx.train_loader(2),
+        loss_fn=ctx.loss_fn(), total_steps=ctx.total_steps, num_classes=ctx.num_classes,
+        gen_per_step=ctx.gen_per_step, lambda_gen=t.lambda_gen, decov_weight=t.decov_weight, **ctx.common("w2"))
+
+
+def build_adversarial_critic(ctx: BuildContext) -> DiscriminatorProblem:
+    return build_disc(ctx, objective=adversarial_objective(ctx))
+
+
+def build_adversarial_generator(ctx: BuildContext) -> AdversarialGeneratorProblem:
+    module = ctx.gan.generator
+    return AdversarialGeneratorProblem(
+        "gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
+        adversarial_lambda=ctx.cfg.train.adversarial_lambda,
+        **{**_generator_settings(ctx), "objective": adversarial_objective(ctx)})
+
+
 def build_w1_mwn(ctx: BuildContext) -> MetaWeightedClassifierProblem:
     module = ctx.classifier("w1")
     optimizer = ctx.classifier_optimizer(module)
@@ -252,7 +283,8 @@ def build_mwn(ctx: BuildContext) -> WeightingNetProblem:
 
 LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "w2_pregenerated": build_w2_pregenerated, "disc": build_disc,
                   "gen": build_gen, "gen_mtl": build_gen_mtl, "meta": build_meta, "w1_mwn": build_w1_mwn,
-                  "mwn": build_mwn, "trunc": build_trunc}
+                  "mwn": build_mwn, "trunc": build_trunc, "adversarial_classifier": build_adversarial_classifier,
+                  "adversarial_critic": build_adversarial_critic, "adversarial_generator": build_adversarial_generator}
 
 
 def build_levels(ctx: BuildContext) -> list:

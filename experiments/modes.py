@@ -97,6 +97,16 @@ MODES: dict[str, Mode] = {
         levels=("w1",),
         phases=("joint",),
     ),
+    "adversarial": Mode(
+        name="adversarial",
+        description="worst-case generation: min_G max_{D,C} lambda (E_real D - E_gen D) - E_gen loss(C(x), y); "
+                    "the classifier C (w2) trains on real plus generated images",
+        # C and D step every iteration, then G against both: one edge per pair, no hypergradients
+        levels=("w2", "disc", "gen"),
+        phases=("joint",),
+        kinds={"w2": "adversarial_classifier", "disc": "adversarial_critic", "gen": "adversarial_generator"},
+        l2u={"w2": ("gen",), "disc": ("gen",)},
+    ),
 }
 
 
@@ -113,7 +123,7 @@ META_WEIGHT_NET = Mode(
 
 
 # kinds of W2 whose loss takes the DeCov penalty of its features of the images it generates as it trains
-DECOV_KINDS = ("w2",)
+DECOV_KINDS = ("w2", "adversarial_classifier")
 
 
 def resolve_mode(cfg) -> Mode:
@@ -154,6 +164,10 @@ def with_gan_options(cfg, mode: Mode) -> Mode:
     if t.decov_weight and not ("w2" in mode.levels and mode.kind("w2") in DECOV_KINDS):
         raise ConfigError(f"train.decov_weight acts on the features of the images W2 generates as it trains, "
                           f"which train.mode={t.mode} does not do; drop it")
+    if mode.name != "adversarial":
+        for key in ("adversarial_form", "adversarial_lambda"):
+            if getattr(t, key) != getattr(type(t)(), key):
+                raise ConfigError(f"train.{key} applies to train.mode=adversarial only (this is {t.mode}); drop it")
     if g.truncation is not None and not mode.generates:
         raise ConfigError(f"gan.truncation truncates the latents of the images W2 trains on, and train.mode={t.mode} "
                           f"generates none; drop it")

@@ -105,7 +105,8 @@ class GANConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = _f("end2end", "what to train: end2end (the method), sequential, separate, mtl, vanilla")
+    mode: str = _f("end2end", "what to train: end2end (the method), sequential, separate, mtl, vanilla, "
+                              "adversarial (worst-case generation against critic and classifier)")
     epochs: int = _f(30, "passes over the long-tailed training set", min=1)
     batch_size: int = _f(64, "real images per step", min=1)
     optimizer: str = _f("adam", "classifier optimizer", choices=("adam", "sgd"))
@@ -146,6 +147,10 @@ class TrainConfig:
     mtl_weight: float = _f(1.0, "mtl: weight of W2's loss on generated images in the generator's objective", min=0.0)
     gen_per_real: float = _f(1.0, "budget M per epoch, in generated images per real training image", min=0.0)
     decov_weight: float = _f(0.0, "DeCov regularizer on W2's features of generated images (0: off)", min=0.0)
+    adversarial_form: str = _f("wasserstein", "adversarial mode: form of the critic game",
+                               choices=("wasserstein", "js"))
+    adversarial_lambda: float = _f(1.0, "adversarial mode: weight lambda = 1/epsilon of the critic term in G's "
+                                        "loss against the classifier's loss", min=0.0)
     precision: str = _f("fp32", "fp32, bf16 or fp16 (fp16 needs CUDA)", choices=("fp32", "bf16", "fp16"))
     max_faults: int = _f(10, "consecutive non-finite steps of one level (skipped) before the run aborts", min=1)
 

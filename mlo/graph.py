@@ -20,7 +20,7 @@ _RESERVED = set(dir(ImplicitProblem)) | set(dir(CompatEngine)) | {
     "leaves", "problems", "dependencies", "config", "records", "noise", "seed", "ready_on",
     "graph_modules", "loss_fn", "pending_features", "total_steps", "ema", "allocator", "objective", "policy",
     "batch_size", "num_classes", "image_size", "lecam_anchors", "pending_scores", "topk", "decov_weight",
-    "truncation",
+    "truncation", "gen_per_step", "lambda_gen", "adversarial_lambda",
 }
 
 

@@ -2,7 +2,9 @@
 from problems.base import LevelProblem, level_config
 from problems.classifier import ClassifierProblem, RefinedClassifierProblem
 from problems.gan import DiscriminatorProblem, GeneratorProblem, TruncationProblem
+from problems.adversarial import AdversarialClassifierProblem, AdversarialGeneratorProblem
 from problems.meta import MetaProblem
 
 __all__ = ["LevelProblem", "level_config", "ClassifierProblem", "RefinedClassifierProblem",
-           "DiscriminatorProblem", "GeneratorProblem", "TruncationProblem", "MetaProblem"]
+           "DiscriminatorProblem", "GeneratorProblem", "TruncationProblem", "AdversarialClassifierProblem",
+           "AdversarialGeneratorProblem", "MetaProblem"]

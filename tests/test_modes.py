@@ -10,7 +10,9 @@ from experiments.modes import MODES
 from experiments.phases import pregenerate
 from mlo.budget import ClassStats, WorstKAllocator, create_allocator
 from mlo.trainer import Phase, Trainer
-from problems import ClassifierProblem, GeneratorProblem, RefinedClassifierProblem
+from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem, GeneratorProblem,
+                      RefinedClassifierProblem)
+from problems.base import frozen_statistics
 from problems.multitask import MultiTaskGeneratorProblem
 from problems.sequential import PregeneratedClassifierProblem
 from tests.conftest import build_run
@@ -106,8 +108,33 @@ def test_meta_weight_net_only_in_vanilla():
         build_run("train.loss=mwn")
 
 
+def test_adversarial_generator_plays_against_critic_and_classifier(tmp_path):
+    run = build_run("train.mode=adversarial", *FAST)
+    gen, w2 = run.levels["gen"], run.levels["w2"]
+    assert isinstance(gen, AdversarialGeneratorProblem) and isinstance(w2, AdversarialClassifierProblem)
+    assert wiring(run) == {"w2": [], "disc": [], "gen": ["disc", "w2"]}
+    assert all(not p.paths for p in run.engine.problems)  # first order: no hypergradients
+    assert gen.objective.adversarial.name == run.levels["disc"].objective.adversarial.name == "wasserstein"
+    run.engine.train()
+    batch = gen.get_batch()
+    loss = gen.training_step_exec(batch)
+    gen.adversarial_lambda = 0.0  # what is left is −ℓ(C(G(z, y)), y): G maximises the classifier's loss
+    with torch.no_grad(), frozen_statistics(gen.graph_modules):
+        classifier_loss = torch.nn.functional.cross_entropy(w2(gen.module(batch["z"], batch["y"])), batch["y"])
+    assert torch.isclose(gen.training_step_exec(batch), -classifier_loss)
+    for level in ("disc", "w2"):
+        grads = torch.autograd.grad(loss, run.levels[level].trainable_parameters(), retain_graph=True, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), level  # G's loss reads both
+    gen.adversarial_lambda = 1.0
+    metrics = run.execute(tmp_path)
+    total = run.ctx.total_steps
+    assert {n: adam_steps(p) for n, p in run.levels.items()} == {"w2": total, "disc": total, "gen": total}
+    assert metrics["mode"] == "adversarial" and metrics["before"] is None and metrics["final_classifier"] == "w2"
+    assert (tmp_path / "metrics.json").exists()
+
+
 def test_every_mode_is_covered_here():
-    assert set(MODES) == {"end2end", "sequential", "separate", "mtl", "vanilla"}
+    assert set(MODES) == {"end2end", "sequential", "separate", "mtl", "vanilla", "adversarial"}
 
 
 def _stats(acc, loss, counts):

@@ -132,7 +132,7 @@ def top_k_mean(per_sample: torch.Tensor, scores: torch.Tensor, fraction: float) 
 
 def top_k_fraction(generator_steps: int, decay: float, minimum: float) -> float:
     """The top-k fraction after ``generator_steps`` steps: annealed from 1 by ``decay`` per step, down to ``minimum``."""
-    return max(minimum, decay ** generator_steps)
+    return max(minimum, decay ** max(0, generator_steps))
 
 
 def lecam_penalty(real_score: torch.Tensor, fake_score: torch.Tensor, anchor_real: torch.Tensor,
