@@ -139,6 +139,12 @@ class BuildContext:
         return level_config(unroll_steps=unroll, hypergradient=hypergradient or t.hypergradient,
                             darts_alpha=t.darts_alpha, precision=t.precision, retain_graph=retain_graph)
 
+    def classifier_settings(self, name: str) -> dict:
+        """What every classifier level takes: its own loss (statistics are per level), the schedule
+        length, the SAM radius, and the common settings."""
+        return {"loss_fn": self.loss_fn(), "total_steps": self.total_steps, "sam_rho": self.cfg.train.sam_rho,
+                **self.common(name)}
+
     def common(self, name: str) -> dict:
         return {"seed": self.cfg.run.seed, "ready_on": list(self.mode.ready_on[name]) if name in self.mode.ready_on else None}
 
@@ -159,7 +165,7 @@ def build_w1(ctx: BuildContext) -> ClassifierProblem:
     module = ctx.classifier("w1")
     optimizer = ctx.classifier_optimizer(module)
     return ClassifierProblem("w1", ctx.level_config("w1"), module, optimizer, ctx.classifier_scheduler(optimizer),
-                             ctx.train_loader(1), loss_fn=ctx.loss_fn(), total_steps=ctx.total_steps, **ctx.common("w1"))
+                             ctx.train_loader(1), **ctx.classifier_settings("w1"))
 
 
 def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
@@ -168,11 +174,11 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
     optimizer = ctx.classifier_optimizer(module)
     return RefinedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader(2), ctx.val_loader(3)), loss_fn=ctx.loss_fn(), allocator=ctx.allocator,
+        (ctx.train_loader(2), ctx.val_loader(3)), allocator=ctx.allocator,
         train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
-        total_steps=ctx.total_steps, truncation=None if ctx.cfg.gan.learn_truncation else ctx.cfg.gan.truncation,
-        decov_weight=t.decov_weight, **ctx.common("w2"))
+        truncation=None if ctx.cfg.gan.learn_truncation else ctx.cfg.gan.truncation,
+        decov_weight=t.decov_weight, **ctx.classifier_settings("w2"))
 
 
 def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
@@ -181,8 +187,8 @@ def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
     # the second loader is replaced by the generated set when W2's phase starts
     return PregeneratedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader(2), ctx.train_loader(6)), loss_fn=ctx.loss_fn(), lambda_gen=ctx.cfg.train.lambda_gen,
-        gen_per_step=ctx.gen_per_step, total_steps=ctx.total_steps, **ctx.common("w2"))
+        (ctx.train_loader(2), ctx.train_loader(6)), lambda_gen=ctx.cfg.train.lambda_gen,
+        gen_per_step=ctx.gen_per_step, **ctx.classifier_settings("w2"))
 
 
 def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> DiscriminatorProblem:
@@ -249,8 +255,8 @@ def build_adversarial_classifier(ctx: BuildContext) -> AdversarialClassifierProb
     optimizer = ctx.classifier_optimizer(module)
     return AdversarialClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer), ctx.train_loader(2),
-        loss_fn=ctx.loss_fn(), total_steps=ctx.total_steps, num_classes=ctx.num_classes,
-        gen_per_step=ctx.gen_per_step, lambda_gen=t.lambda_gen, decov_weight=t.decov_weight, **ctx.common("w2"))
+        num_classes=ctx.num_classes, gen_per_step=ctx.gen_per_step, lambda_gen=t.lambda_gen,
+        decov_weight=t.decov_weight, **ctx.classifier_settings("w2"))
 
 
 def build_adversarial_critic(ctx: BuildContext) -> DiscriminatorProblem:
@@ -271,7 +277,7 @@ def build_w1_mwn(ctx: BuildContext) -> MetaWeightedClassifierProblem:
     # exact hops: W's loss feeds V the detached loss values, which finite differences of W would move
     return MetaWeightedClassifierProblem("w1", ctx.level_config("w1", hypergradient="exact"), module, optimizer,
                                          ctx.classifier_scheduler(optimizer), ctx.train_loader(1),
-                                         loss_fn=ctx.loss_fn(), total_steps=ctx.total_steps, **ctx.common("w1"))
+                                         **ctx.classifier_settings("w1"))
 
 
 def build_mwn(ctx: BuildContext) -> WeightingNetProblem:

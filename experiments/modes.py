@@ -148,6 +148,9 @@ def resolve_mode(cfg) -> Mode:
     if m.tie_encoders and len({"w2", "disc"} & set(mode.levels)) == 0:
         raise ConfigError(f"model.tie_encoders shares W1's encoder with W2 and H, which train.mode={t.mode} "
                           f"does not have; drop it")
+    if t.w2_init != "scratch" and t.mode != "sequential":
+        raise ConfigError(f"train.w2_init={t.w2_init} only applies to train.mode=sequential, where W2 trains after W1 "
+                          f"(this is {t.mode}); drop it")
     if t.mtl_weight != 1.0 and t.mode != "mtl":
         raise ConfigError(f"train.mtl_weight only applies to train.mode=mtl (this is {t.mode}); drop it")
     return with_gan_options(cfg, mode)

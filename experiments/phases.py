@@ -32,13 +32,21 @@ def build_phases(run) -> list[Phase]:
     return [phase for phase in (make[name]() for name in mode.phases) if phase is not None]
 
 
+def renamed_stream(state: dict, old: str, new: str) -> dict:
+    """A classifier's state with its A-block statistics moved from stream ``old`` to ``new``."""
+    return {key.replace(f"norms.{old}.", f"norms.{new}."): value for key, value in state.items()}
+
+
 @torch.no_grad()
 def pregenerate(run) -> None:
     """Sequential mode: p(s) frozen from W1's loss on the whole validation set, the budget M of
-    images drawn once from the generator's moving average, installed as W2's generated set.
-    Deterministic, so a run resumed inside W2's phase rebuilds the same set."""
+    images drawn once from the generator's moving average, installed as W2's generated set (and,
+    with ``train.w2_init=w1``, W2 started from W1's weights). Deterministic, so a run resumed inside
+    W2's phase rebuilds the same set."""
     ctx, data, device = run.ctx, run.data, run.device
     w1, w2 = run.levels["w1"], run.levels["w2"]
+    if run.cfg.train.w2_init == "w1" and w2.count == 0:  # fine-tuning starts from W1 (not again on resume)
+        w2.module.load_state_dict(renamed_stream(w1.module.state_dict(), "w1", "w2"))
     ema = run.levels["gen"].ema.module.eval()
     run.engine.eval()
     logits, labels = predict(w1, make_loader("sequential", data.val_images, data.val_labels, GENERATION_CHUNK, device=device))

@@ -112,6 +112,10 @@ class TrainConfig:
     optimizer: str = _f("adam", "classifier optimizer", choices=("adam", "sgd"))
     lr: float = _f(1e-3, "classifier learning rate", min=0.0)
     momentum: float = _f(0.9, "SGD momentum", min=0.0, max=1.0)
+    sam_rho: float = _f(0.0, "sharpness-aware minimization of the classifiers: neighbourhood radius rho "
+                             "(0.05 is SAM's usual value); 0: plain steps", min=0.0)
+    w2_init: str = _f("scratch", "sequential: W2 starts from scratch, or from W1's trained weights (w1: "
+                                 "fine-tuning, as the mistake-driven scheme)", choices=("scratch", "w1"))
     weight_decay: float = _f(0.0, "classifier weight decay", min=0.0)
     lr_milestones: list[int] = _f([], "epochs at which the learning rates are multiplied by lr_decay")
     lr_decay: float = _f(0.1, "learning-rate factor at each milestone", min=0.0)
@@ -366,6 +370,8 @@ def validate(cfg: Config) -> None:
     device = cfg.run.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:N, got '{device}'")
+    if cfg.train.sam_rho > 0 and cfg.train.precision == "fp16":
+        raise ConfigError("train.sam_rho: SAM's steps bypass fp16's gradient scaler; use train.precision=bf16 or fp32")
     if cfg.train.temperature_end > cfg.train.temperature_start:
         raise ConfigError(f"train.temperature_end={cfg.train.temperature_end:g} is above train.temperature_start="
                           f"{cfg.train.temperature_start:g}: the Gumbel temperature anneals downwards")

@@ -20,11 +20,31 @@ class ClassifierProblem(LevelProblem):
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 loss_fn: ClassificationLoss, total_steps: int, **kwargs):
+                 loss_fn: ClassificationLoss, total_steps: int, sam_rho: float = 0.0, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
         self.loss_fn = loss_fn
         self.total_steps = total_steps
         self.pending_features = None  # (features, labels) of the last own step, not yet in the loss's statistics
+        self.sam_rho = sam_rho
+        if sam_rho > 0:  # Betty steps through custom_optimizer_step when a problem has one
+            self.custom_optimizer_step = self.sharpness_aware_step
+
+    def sharpness_aware_step(self, *args, **kwargs) -> None:
+        """SAM (Foret et al.): the update uses the gradient at ``θ + ρ g/‖g‖``, on the same batch.
+        ``training_step`` is a pure function of the batch, so the second evaluation sees the same
+        noise; being no own step, it leaves BN statistics alone."""
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        scale = self.sam_rho / (torch.stack(torch._foreach_norm(grads)).norm() + 1e-12)
+        shifts = torch._foreach_mul(grads, scale)
+        with torch.no_grad():
+            torch._foreach_add_(params, shifts)
+        sharp = torch.autograd.grad(self.training_step_exec(self.cur_batch), params, allow_unused=True)
+        with torch.no_grad():
+            torch._foreach_sub_(params, shifts)
+        for p, g in zip(params, sharp):
+            p.grad = g if g is not None else torch.zeros_like(p)
+        self.optimizer.step()
 
     def forward(self, x):
         return self.module(x, self.shared_neck)
