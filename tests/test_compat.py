@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 from mlo.trainer import Phase, Trainer
@@ -39,3 +40,13 @@ def test_engine_uses_the_requested_device():
     run = build_run("train.mode=vanilla")
     assert run.engine.device == torch.device("cpu")
     assert next(run.levels["w1"].module.parameters()).device.type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is initialised here, so nothing is queued")
+def test_steps_do_not_queue_lazy_cuda_calls():
+    """Seeding every backend per step would queue a lazy CUDA call (with its stack) each time."""
+    run = build_run("train.meta_every=2")
+    Trainer(run.engine, [Phase("warm", 2)], progress=False).run()
+    queued = len(torch.cuda._queued_calls)
+    Trainer(run.engine, [Phase("p", 4)], progress=False).run()
+    assert len(torch.cuda._queued_calls) == queued
