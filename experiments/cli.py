@@ -6,6 +6,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from experiments.modes import MODES
 from mlo.config import Config, config_diff, from_dict, help_text, load_config, parse_override, validate
 from mlo.errors import UserError
 
@@ -238,6 +239,32 @@ def cmd_gan_metrics(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from experiments.compare import compare, parse_seeds, parse_variants
+    from mlo.distributed import Processes
+    from mlo.errors import TrainingStopped
+
+    if Processes.from_environ().distributed:
+        raise UserError("needsgen compare runs its runs one after another in one process; start it without "
+                        "torchrun (a single run can use torchrun: torchrun ... -m experiments.cli run ...)")
+    config_arg, overrides = split_args(args.items)
+    path = resolve_config_path(config_arg)
+    variants, seeds = parse_variants(args.modes), parse_seeds(args.seeds)
+    cfg = load_config(path, overrides)  # the shared settings are checked before anything runs
+    for key in ("run.name", "run.seed", "train.mode"):
+        if any(o.split("=", 1)[0] in (key, key.split(".")[1]) for o in overrides):
+            raise UserError(f"{key} is set per run by compare (--modes, --seeds, --name); remove the override")
+    root = Path(cfg.run.out_dir).expanduser() / (args.name or f"compare-{path.name.removesuffix('.yaml')}")
+    try:
+        summary = compare(path, overrides, variants, seeds, root)
+    except TrainingStopped as exc:
+        print(f"needsgen: {exc}; rerun the same compare command to continue the comparison", file=sys.stderr)
+        return exc.exit_code
+    print((root / "compare.md").read_text())
+    print(f"outputs in {root}/ (compare.md, compare.csv, per_class_accuracy.png, allocation.png, one folder per run)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="needsgen", description="Needs-aware image generation on a long-tailed dataset, trained end to end on Betty.")
@@ -297,6 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
     gm.add_argument("--seed", type=int, default=0, help="seed of the subsets, latents and KID subsets (default: 0)")
     gm.add_argument("--device", help="run on this device instead of the run's (cpu, cuda, cuda:N)")
     gm.set_defaults(func=cmd_gan_metrics)
+
+    cmp = sub.add_parser(
+        "compare", help="run several modes over several seeds and write one comparison table",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train every variant with every seed on the same data split (finished runs are reused, "
+                    "interrupted ones resumed), then write compare.md / compare.csv (mean ± std over seeds, "
+                    "paired tests against vanilla and sequential) and plots.",
+        epilog="A variant is a mode, optionally with overrides: mode:key=value+key=value, e.g.\n"
+               "  needsgen compare fmnist_lt_cpu --modes vanilla,sequential,end2end,end2end:allocator=equal "
+               "--seeds 0,1,2\n"
+               f"Modes: {', '.join(MODES)}.")
+    cmp.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
+    cmp.add_argument("--modes", required=True, help="comma-separated variants (see below)")
+    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    cmp.add_argument("--name", help="folder of the comparison under run.out_dir (default compare-<config>)")
+    cmp.set_defaults(func=cmd_compare)
 
     # listed here; its arguments, options first or last, are parsed by experiments.bench.speed (see main)
     sub.add_parser("bench", help="time vanilla training against the end-to-end MLO")

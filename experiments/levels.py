@@ -1,28 +1,36 @@
 """Build a mode's levels from the config: modules, optimizers, loaders, then the Betty problems.
 
-``LEVEL_BUILDERS`` maps a level name to a function of the ``BuildContext``; a mode lists names.
+``LEVEL_BUILDERS`` maps a level kind to a function of the ``BuildContext``; a mode lists its levels
+and, where a level is not of the kind of its name, which kind it is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
 import torch.nn as nn
 
-from mlo.budget import create_allocator
-from mlo.config import Config
+from mlo.budget import Allocator, create_allocator
+from mlo.config import Config, GANConfig
 from mlo.data import LongTailData
 from mlo.data.loaders import derive_seed, make_loader
 from mlo.distributed import Processes
 from mlo.errors import ConfigError
 from mlo.losses import ClassificationLoss, create_loss
 from mlo.models import Classifier, MetaBlock, create_model
+from mlo.models.heads import WeightingNet
 from mlo.models.encoders import load_encoder_weights
 from mlo.models.gan import GAN
 from mlo.models.gan.diffaugment import parse_policy
-from problems import (ClassifierProblem, DiscriminatorProblem, GeneratorProblem, MetaProblem,
-                      RefinedClassifierProblem, level_config)
+from mlo.models.gan.losses import ADVERSARIAL_LOSSES, GANObjective
+from mlo.models.gan.sampling import LearnedTruncation
+from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem,
+                      DiscriminatorProblem, GeneratorProblem, MetaProblem, RefinedClassifierProblem,
+                      TruncationProblem, level_config)
+from problems.multitask import MultiTaskGeneratorProblem
+from problems.mwn import MetaWeightedClassifierProblem, WeightingNetProblem
+from problems.sequential import PregeneratedClassifierProblem
 from experiments.modes import Mode
 
 STREAMS = ("w1", "w2", "disc")  # networks that read features through A
@@ -51,6 +59,23 @@ class BuildContext:
 
     def seed(self, *keys: int) -> int:
         return derive_seed(self.cfg.run.seed, *keys)
+
+    @cached_property
+    def allocator(self) -> Allocator:
+        t = self.cfg.train
+        return create_allocator(t.allocator, gen_per_real=t.gen_per_real, k=t.worstk_k, fraction=t.worstk_fraction)
+
+    @property
+    def gen_per_step(self) -> int:
+        """Generated images per W2 step: the allocator's budget M per epoch, spread over its steps; under
+        torchrun split between the processes (each generates ⌈M / N⌉ from its own noise)."""
+        m = max(1, round(self.allocator.images_per_epoch(self.data.train_counts) / self.steps_per_epoch))
+        return -(-m // self.processes.world_size)
+
+    @property
+    def batch_share(self) -> int:
+        """Images of a training batch each process takes (``shared`` checks that they divide evenly)."""
+        return self.cfg.train.batch_size // self.processes.world_size
 
     # ----- shared modules ----------------------------------------------------------------------
     def encoder(self) -> nn.Module:
@@ -88,10 +113,13 @@ class BuildContext:
 
     @cached_property
     def gan(self) -> GAN:
+        g = self.cfg.gan
         tied = self.w1_encoder if self.cfg.model.encoders_tied else None
-        return create_model("gan", self.cfg.gan.generator, image_shape=self.data.image_shape,
-                            num_classes=self.num_classes, feature_dim=self.feature_dim, cfg=self.cfg.gan,
-                            encoder=tied, neck=self.own_neck("disc"))
+        gan = create_model("gan", g.generator, image_shape=self.data.image_shape, num_classes=self.num_classes,
+                           feature_dim=self.feature_dim, cfg=g, encoder=tied, neck=self.own_neck("disc"))
+        if g.gp_weight != GANConfig().gp_weight and gan.objective.gp_weight != g.gp_weight:
+            raise ConfigError(f"gan.gp_weight: gan.generator={g.generator} has no gradient penalty; drop it")
+        return gan
 
     def loss_fn(self) -> ClassificationLoss:
         """A fresh loss for each level: a loss's statistics (ISDA) belong to one classifier."""
@@ -116,11 +144,17 @@ class BuildContext:
     def gan_optimizer(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(self.cfg.gan.gan_betas), fused=True)
 
-    def level_config(self, name: str, retain_graph: bool = False):
+    def level_config(self, name: str, retain_graph: bool = False, hypergradient: str | None = None):
         t = self.cfg.train
         unroll = t.meta_every if name in self.mode.every_meta else 1
-        return level_config(unroll_steps=unroll, hypergradient=t.hypergradient, darts_alpha=t.darts_alpha,
-                            precision=t.precision, retain_graph=retain_graph)
+        return level_config(unroll_steps=unroll, hypergradient=hypergradient or t.hypergradient,
+                            darts_alpha=t.darts_alpha, precision=t.precision, retain_graph=retain_graph)
+
+    def classifier_settings(self, name: str) -> dict:
+        """What every classifier level takes: its own loss (statistics are per level), the schedule
+        length, the SAM radius, and the common settings."""
+        return {"loss_fn": self.loss_fn(), "total_steps": self.total_steps, "sam_rho": self.cfg.train.sam_rho,
+                **self.common(name)}
 
     def common(self, name: str) -> dict:
         return {"seed": self.cfg.run.seed, "ready_on": list(self.mode.ready_on[name]) if name in self.mode.ready_on else None}
@@ -135,9 +169,9 @@ class BuildContext:
                               f"processes; choose a size that makes them a multiple of {n}")
         return loader
 
-    def train_loader(self, key: int):
+    def train_loader(self, key: int, batch_size: int | None = None):
         d, p = self.data, self.processes
-        return self.shared(make_loader("shuffle", d.train_images, d.train_labels, self.cfg.train.batch_size,
+        return self.shared(make_loader("shuffle", d.train_images, d.train_labels, batch_size or self.cfg.train.batch_size,
                                        seed=self.seed(key), augment=self.cfg.data.augment, device=self.device,
                                        workers=self.cfg.data.num_workers, rank=p.rank, world_size=p.world_size,
                                        channels_last=self.cfg.run.channels_last),
@@ -155,7 +189,7 @@ def build_w1(ctx: BuildContext) -> ClassifierProblem:
     module = ctx.classifier("w1")
     optimizer = ctx.classifier_optimizer(module)
     return ClassifierProblem("w1", ctx.level_config("w1"), module, optimizer, ctx.classifier_scheduler(optimizer),
-                             ctx.train_loader(1), loss_fn=ctx.loss_fn(), total_steps=ctx.total_steps, **ctx.common("w1"))
+                             ctx.train_loader(1), **ctx.classifier_settings("w1"))
 
 
 def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
@@ -164,29 +198,66 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
     optimizer = ctx.classifier_optimizer(module)
     return RefinedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader(2), ctx.val_loader(3)), loss_fn=ctx.loss_fn(), allocator=create_allocator(t.allocator),
-        train_counts=ctx.data.train_counts,
-        # M per step, split between the processes (each generates ⌈M / N⌉ from its own noise)
-        gen_per_step=-(-max(1, round(t.batch_size * t.gen_per_real)) // ctx.processes.world_size),
+        (ctx.train_loader(2), ctx.val_loader(3)), allocator=ctx.allocator,
+        train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
-        total_steps=ctx.total_steps, **ctx.common("w2"))
+        truncation=None if ctx.cfg.gan.learn_truncation else ctx.cfg.gan.truncation,
+        decov_weight=t.decov_weight, **ctx.classifier_settings("w2"))
 
 
-def build_disc(ctx: BuildContext) -> DiscriminatorProblem:
+def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
+    module = ctx.classifier("w2")
+    optimizer = ctx.classifier_optimizer(module)
+    # the second loader is replaced by the generated set when W2's phase starts
+    return PregeneratedClassifierProblem(
+        "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
+        (ctx.train_loader(2), ctx.train_loader(6)), lambda_gen=ctx.cfg.train.lambda_gen,
+        gen_per_step=ctx.gen_per_step, **ctx.classifier_settings("w2"))
+
+
+def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> DiscriminatorProblem:
+    objective = objective or ctx.gan.objective
+    if objective.gp_weight and ctx.cfg.train.hypergradient == "exact" and any(
+            "disc" in lowers for lowers in ctx.mode.u2l.values()):
+        raise ConfigError(f"train.hypergradient=exact: the exact hop through H would differentiate the gradient "
+                          f"penalty of gan.generator={ctx.cfg.gan.generator} three times, and torch has no third "
+                          f"derivative of the batch norm in A; use train.hypergradient=darts")
+    g, batch = ctx.cfg.gan, ctx.cfg.train.batch_size
     module = ctx.gan.discriminator
     return DiscriminatorProblem(
-        "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, ctx.cfg.gan.d_lr),
-        train_data_loader=ctx.train_loader(4), d_loss=ctx.gan.d_loss,
-        diffaugment_policy=parse_policy(ctx.cfg.gan.diffaugment), **ctx.common("disc"))
+        "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, g.d_lr),
+        train_data_loader=ctx.train_loader(4, batch_size=batch * g.coreset_factor), objective=objective,
+        diffaugment_policy=parse_policy(g.diffaugment), batch_size=ctx.batch_share, lecam_weight=g.lecam_weight,
+        lecam_decay=g.lecam_decay, **ctx.common("disc"))
+
+
+def _generator_settings(ctx: BuildContext) -> dict:
+    g = ctx.cfg.gan
+    return {"objective": ctx.gan.objective, "diffaugment_policy": parse_policy(g.diffaugment),
+            "batch_size": ctx.batch_share, "num_classes": ctx.num_classes,
+            "image_size": ctx.data.image_shape[-1], "ema_decay": g.ema_decay, "topk_min_fraction": g.topk_min_fraction,
+            "topk_decay": g.topk_decay, **ctx.common("gen")}
 
 
 def build_gen(ctx: BuildContext) -> GeneratorProblem:
     module = ctx.gan.generator
-    return GeneratorProblem(
+    return GeneratorProblem("gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
+                            **_generator_settings(ctx))
+
+
+def build_gen_mtl(ctx: BuildContext) -> MultiTaskGeneratorProblem:
+    module = ctx.gan.generator
+    return MultiTaskGeneratorProblem(
         "gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
-        g_loss=ctx.gan.g_loss, diffaugment_policy=parse_policy(ctx.cfg.gan.diffaugment),
-        batch_size=ctx.cfg.train.batch_size // ctx.processes.world_size, num_classes=ctx.num_classes, image_size=ctx.data.image_shape[-1],
-        ema_decay=ctx.cfg.gan.ema_decay, **ctx.common("gen"))
+        train_data_loader=ctx.val_loader(7), classifier_weight=ctx.cfg.train.mtl_weight, **_generator_settings(ctx))
+
+
+def build_trunc(ctx: BuildContext) -> TruncationProblem:
+    g = ctx.cfg.gan
+    module = LearnedTruncation(g.truncation)
+    return TruncationProblem("trunc", ctx.level_config("trunc", retain_graph=True), module,
+                             torch.optim.Adam(module.parameters(), lr=g.truncation_lr, fused=True),
+                             batch_size=ctx.gen_per_step, num_classes=ctx.num_classes, **ctx.common("trunc"))
 
 
 def build_meta(ctx: BuildContext) -> MetaProblem:
@@ -196,10 +267,60 @@ def build_meta(ctx: BuildContext) -> MetaProblem:
                        train_data_loader=ctx.val_loader(5), gamma=ctx.cfg.train.gamma, **ctx.common("meta"))
 
 
-LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "disc": build_disc, "gen": build_gen, "meta": build_meta}
+# ----- adversarial (worst-case) generation ----------------------------------------------------------
+def adversarial_objective(ctx: BuildContext) -> GANObjective:
+    """The GAN's objective with the critic game in ``train.adversarial_form``."""
+    return replace(ctx.gan.objective, adversarial=ADVERSARIAL_LOSSES[ctx.cfg.train.adversarial_form])
+
+
+def build_adversarial_classifier(ctx: BuildContext) -> AdversarialClassifierProblem:
+    t = ctx.cfg.train
+    module = ctx.classifier("w2")
+    optimizer = ctx.classifier_optimizer(module)
+    return AdversarialClassifierProblem(
+        "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer), ctx.train_loader(2),
+        num_classes=ctx.num_classes, gen_per_step=ctx.gen_per_step, lambda_gen=t.lambda_gen,
+        decov_weight=t.decov_weight, **ctx.classifier_settings("w2"))
+
+
+def build_adversarial_critic(ctx: BuildContext) -> DiscriminatorProblem:
+    return build_disc(ctx, objective=adversarial_objective(ctx))
+
+
+def build_adversarial_generator(ctx: BuildContext) -> AdversarialGeneratorProblem:
+    module = ctx.gan.generator
+    return AdversarialGeneratorProblem(
+        "gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
+        adversarial_lambda=ctx.cfg.train.adversarial_lambda,
+        **{**_generator_settings(ctx), "objective": adversarial_objective(ctx)})
+
+
+def build_w1_mwn(ctx: BuildContext) -> MetaWeightedClassifierProblem:
+    module = ctx.classifier("w1")
+    optimizer = ctx.classifier_optimizer(module)
+    # exact hops: W's loss feeds V the detached loss values, which finite differences of W would move
+    return MetaWeightedClassifierProblem("w1", ctx.level_config("w1", hypergradient="exact"), module, optimizer,
+                                         ctx.classifier_scheduler(optimizer), ctx.train_loader(1),
+                                         **ctx.classifier_settings("w1"))
+
+
+def build_mwn(ctx: BuildContext) -> WeightingNetProblem:
+    module = WeightingNet(ctx.cfg.train.mwn_hidden)
+    optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.mwn_lr, fused=True)
+    return WeightingNetProblem("mwn", ctx.level_config("mwn", retain_graph=True), module, optimizer,
+                               train_data_loader=ctx.val_loader(8), **ctx.common("mwn"))
+
+
+LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "w2_pregenerated": build_w2_pregenerated, "disc": build_disc,
+                  "gen": build_gen, "gen_mtl": build_gen_mtl, "meta": build_meta, "w1_mwn": build_w1_mwn,
+                  "mwn": build_mwn, "trunc": build_trunc, "adversarial_classifier": build_adversarial_classifier,
+                  "adversarial_critic": build_adversarial_critic, "adversarial_generator": build_adversarial_generator}
 
 
 def build_levels(ctx: BuildContext) -> list:
     """The mode's problems in stepping order; module initialisation is seeded by ``run.seed``."""
+    if ctx.cfg.train.allocator == "worstk" and ctx.cfg.train.worstk_k > ctx.num_classes:
+        raise ConfigError(f"train.worstk_k={ctx.cfg.train.worstk_k} exceeds the {ctx.num_classes} classes of "
+                          f"{ctx.cfg.data.dataset}; lower it")
     torch.manual_seed(ctx.cfg.run.seed)
-    return [LEVEL_BUILDERS[name](ctx) for name in ctx.mode.levels]
+    return [LEVEL_BUILDERS[ctx.mode.kind(name)](ctx) for name in ctx.mode.levels]

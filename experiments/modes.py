@@ -1,7 +1,9 @@
-"""Modes are data: which levels exist, how they are wired, and which phases train them.
+"""Modes are data: which levels exist (and which kind of problem each is), how they are wired, and
+which phases train them.
 
-The levels are built by name in ``experiments.levels``; ``mlo.graph`` turns the edges into a Betty
-engine; ``mlo.trainer`` runs the phases. Adding a mode is adding an entry here.
+The levels are built by kind in ``experiments.levels``; ``mlo.graph`` turns the edges into a Betty
+engine; ``experiments.phases`` turns phase names into ``mlo.trainer.Phase`` objects. Adding a mode
+is adding an entry here.
 """
 from __future__ import annotations
 
@@ -15,12 +17,16 @@ class Mode:
     name: str
     description: str
     levels: tuple[str, ...]                                   # stepping order of the leaves
+    phases: tuple[str, ...]                                   # names in experiments.phases.PHASES
+    kinds: dict[str, str] = field(default_factory=dict)       # level -> builder kind, where not the level's name
     u2l: dict[str, tuple[str, ...]] = field(default_factory=dict)
     l2u: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ready_on: dict[str, tuple[str, ...]] = field(default_factory=dict)
     every_meta: tuple[str, ...] = ()    # levels unrolled ``meta_every`` steps before their uppers step
-    pretrain_gan: bool = False          # a discriminator/generator phase before the main phase
     generates: bool = False             # W2 trains on generated images (reports the allocation)
+
+    def kind(self, level: str) -> str:
+        return self.kinds.get(level, level)
 
     def without(self, level: str) -> "Mode":
         """The same mode with ``level`` and every edge touching it removed (e.g. ``model.meta=none``)."""
@@ -31,26 +37,93 @@ class Mode:
                        l2u=prune(self.l2u), ready_on=prune(self.ready_on),
                        every_meta=tuple(n for n in self.every_meta if n != level))
 
+    def with_upper(self, level: str, lower: str) -> "Mode":
+        """The same mode with ``level`` added as an upper level of ``lower`` only (its loss reads
+        ``lower``, whose solution depends on it), stepped when ``lower`` finishes an unroll."""
+        return replace(self, levels=self.levels + (level,), u2l={**self.u2l, level: (lower,)},
+                       l2u={**self.l2u, lower: self.l2u.get(lower, ()) + (level,)})
+
 
 MODES: dict[str, Mode] = {
     "end2end": Mode(
         name="end2end",
-        description="the method: W1, H, G, W2 and A as one MLO with finite-difference hypergradients",
+        description="the method: W1, H, G, W2 and A as one MLO with hypergradients along five paths",
         # H first and W2 waiting only for W1: W1/H/W2 step every iteration, G and A every meta_every
         levels=("disc", "w1", "gen", "w2", "meta"),
+        phases=("gan_pretrain", "joint"),
         u2l={"meta": ("w1", "w2", "gen", "disc")},
         l2u={"w1": ("meta", "w2"), "disc": ("gen",), "gen": ("w2",), "w2": ("meta",)},
         ready_on={"w2": ("w1",)},
         every_meta=("disc", "w2"),
-        pretrain_gan=True,
+        generates=True,
+    ),
+    "sequential": Mode(
+        name="sequential",
+        description="W1 trained first; then the GAN; then p(s) frozen from W1's validation loss, M images "
+                    "generated once, and W2 trained on real plus generated images",
+        levels=("w1", "disc", "gen", "w2"),
+        phases=("w1", "gan_pretrain", "gan", "w2_pregenerated"),
+        kinds={"w2": "w2_pregenerated"},
+        l2u={"disc": ("gen",)},
+        every_meta=("disc",),
+        generates=True,
+    ),
+    "separate": Mode(
+        name="separate",
+        description="the GAN trained first and frozen; W1, W2 and A as an MLO reading the frozen generator",
+        levels=("disc", "w1", "gen", "w2", "meta"),
+        phases=("gan_pretrain", "gan", "mlo_frozen_gan"),
+        u2l={"meta": ("w1", "w2")},
+        l2u={"w1": ("meta", "w2"), "disc": ("gen",), "w2": ("meta",)},
+        ready_on={"w2": ("w1",)},
+        every_meta=("disc", "w2"),
+        generates=True,
+    ),
+    "mtl": Mode(
+        name="mtl",
+        description="multi-task: G trained on its GAN loss plus W2's loss on its images, W2 on real plus "
+                    "generated images, first order (no meta level, no hypergradients)",
+        levels=("disc", "w1", "gen", "w2"),
+        phases=("gan_pretrain", "joint"),
+        kinds={"gen": "gen_mtl"},
+        l2u={"disc": ("gen",), "w1": ("w2",), "gen": ("w2",)},
+        ready_on={"w2": ("w1",)},
+        every_meta=("disc",),
         generates=True,
     ),
     "vanilla": Mode(
         name="vanilla",
         description="one classifier on the long-tailed training set, no generation",
         levels=("w1",),
+        phases=("joint",),
+    ),
+    "adversarial": Mode(
+        name="adversarial",
+        description="worst-case generation: min_G max_{D,C} lambda (E_real D - E_gen D) - E_gen loss(C(x), y); "
+                    "the classifier C (w2) trains on real plus generated images",
+        # C and D step every iteration, then G against both: one edge per pair, no hypergradients
+        levels=("w2", "disc", "gen"),
+        phases=("joint",),
+        kinds={"w2": "adversarial_classifier", "disc": "adversarial_critic", "gen": "adversarial_generator"},
+        l2u={"w2": ("gen",), "disc": ("gen",)},
     ),
 }
+
+
+# train.loss=mwn turns vanilla into Meta-Weight-Net: the weighting network is an upper level of W
+META_WEIGHT_NET = Mode(
+    name="vanilla",
+    description="one classifier whose per-sample losses a weighting network learned on D_val weighs (Meta-Weight-Net)",
+    levels=("w1", "mwn"),
+    phases=("joint",),
+    kinds={"w1": "w1_mwn"},
+    u2l={"mwn": ("w1",)},
+    l2u={"w1": ("mwn",)},
+)
+
+
+# kinds of W2 whose loss takes the DeCov penalty of its features of the images it generates as it trains
+DECOV_KINDS = ("w2", "adversarial_classifier")
 
 
 def resolve_mode(cfg) -> Mode:
@@ -59,6 +132,11 @@ def resolve_mode(cfg) -> Mode:
     if t.mode not in MODES:
         raise ConfigError(f"train.mode: unknown value '{t.mode}' (choices: {', '.join(MODES)})")
     mode = MODES[t.mode]
+    if t.loss == "mwn":
+        if t.mode != "vanilla":
+            raise ConfigError(f"train.loss=mwn is Meta-Weight-Net, a baseline of train.mode=vanilla "
+                              f"(this is {t.mode}); use another loss here")
+        mode = META_WEIGHT_NET
     if m.meta == "none" and "meta" in mode.levels:
         mode = mode.without("meta")
     if not mode.generates and t.allocator != "needs":
@@ -70,4 +148,35 @@ def resolve_mode(cfg) -> Mode:
     if m.tie_encoders and len({"w2", "disc"} & set(mode.levels)) == 0:
         raise ConfigError(f"model.tie_encoders shares W1's encoder with W2 and H, which train.mode={t.mode} "
                           f"does not have; drop it")
-    return mode
+    if t.w2_init != "scratch" and t.mode != "sequential":
+        raise ConfigError(f"train.w2_init={t.w2_init} only applies to train.mode=sequential, where W2 trains after W1 "
+                          f"(this is {t.mode}); drop it")
+    if t.mtl_weight != 1.0 and t.mode != "mtl":
+        raise ConfigError(f"train.mtl_weight only applies to train.mode=mtl (this is {t.mode}); drop it")
+    return with_gan_options(cfg, mode)
+
+
+def with_gan_options(cfg, mode: Mode) -> Mode:
+    """The mode with the learned-truncation level ``trunc`` if asked for, after refusing GAN options
+    that would do nothing in it."""
+    g, t, defaults = cfg.gan, cfg.train, type(cfg.gan)()
+    reducers = [f"gan.{k}" for k in ("topk_min_fraction", "coreset_factor", "lecam_weight")
+                if getattr(g, k) != getattr(defaults, k)]
+    if reducers and not {"disc", "gen"} <= set(mode.levels):
+        raise ConfigError(f"{reducers[0]} acts on the GAN, which train.mode={t.mode} does not train; drop it")
+    if t.decov_weight and not ("w2" in mode.levels and mode.kind("w2") in DECOV_KINDS):
+        raise ConfigError(f"train.decov_weight acts on the features of the images W2 generates as it trains, "
+                          f"which train.mode={t.mode} does not do; drop it")
+    if mode.name != "adversarial":
+        for key in ("adversarial_form", "adversarial_lambda"):
+            if getattr(t, key) != getattr(type(t)(), key):
+                raise ConfigError(f"train.{key} applies to train.mode=adversarial only (this is {t.mode}); drop it")
+    if g.truncation is not None and not mode.generates:
+        raise ConfigError(f"gan.truncation truncates the latents of the images W2 trains on, and train.mode={t.mode} "
+                          f"generates none; drop it")
+    if not g.learn_truncation:
+        return mode
+    if mode.kind("w2") != "w2":
+        raise ConfigError(f"gan.learn_truncation learns tau through W2's training on images it generates at tau as "
+                          f"it trains, which train.mode={t.mode} does not do; use a fixed gan.truncation")
+    return mode.with_upper("trunc", "w2")

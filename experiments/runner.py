@@ -37,6 +37,7 @@ from mlo.report import (TABLE3_HEADER, markdown_table, per_class_rows, plot_allo
 from mlo.trainer import Phase, StopRequest, Trainer, stop_on_signals
 from experiments.levels import BuildContext, build_levels
 from experiments.modes import resolve_mode
+from experiments.phases import build_phases
 
 CHECKPOINT, METRICS, CONFIG, LOG, SEEDS = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv", "seeds.json"
 # settings that may change between a checkpoint and its resumption without changing the run
@@ -95,10 +96,8 @@ class Run:
                 problem.module.to(memory_format=torch.channels_last)
         if cfg.run.compile != "none":
             compile_modules(problems, cfg.run.compile)
-        phases = []
-        if self.mode.pretrain_gan and cfg.gan.gan_pretrain_steps:
-            phases.append(Phase("GAN pre-training", cfg.gan.gan_pretrain_steps, leaves=["disc"], unroll={"disc": 1}))
-        phases.append(Phase(self.mode.name, self.ctx.total_steps, epoch_length=self.ctx.steps_per_epoch))
+        phases = build_phases(self)
+        self.main_phase = [p.name for p in phases if p.epoch_length][-1]  # the one that trains the final classifier
         self.stop = StopRequest()
         self.trainer = Trainer(self.engine, phases, progress=cfg.run.progress, on_epoch_end=self.end_epoch,
                                on_checkpoint=self.save_checkpoint, checkpoint_every=cfg.run.checkpoint_every,
@@ -107,6 +106,7 @@ class Run:
         self.elapsed = 0.0          # wall seconds of training, summed over resumes
         self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
         self.last_epoch: dict[str, dict[str, torch.Tensor]] = {}
+        self.pregenerated: dict[str, torch.Tensor] | None = None  # sequential: the set generated once
         self._clock = time.perf_counter()
 
     # ----- training ----------------------------------------------------------------------------
@@ -140,16 +140,22 @@ class Run:
         sum_([rec[k] for rec in self.last_epoch.values() for k in sorted(rec)])
         if not self.processes.main:
             return {}
-        row = {"epoch": epoch, "global_step": self.engine.global_step, "seconds": round(self.elapsed, 2)}
+        row = {"phase": phase.name, "epoch": epoch, "global_step": self.engine.global_step,
+               "seconds": round(self.elapsed, 2)}
         for name, problem in self.classifiers().items():
             row[f"{name}_val_acc"] = round(float(self.accuracy(problem, self.data.val_images, self.data.val_labels).mean()), 4)
         for name, rec in self.last_epoch.items():
             if "steps" in rec:
                 row[f"{name}_loss"] = round(float(rec["loss"] / rec["steps"]), 4)
-        if "w2" in self.levels and self.mode.generates:
+                # other scalar statistics (a learned truncation's tau): their mean over the epoch's steps
+                row.update({f"{name}_{k}": round(float(v / rec["steps"]), 4) for k, v in rec.items()
+                            if k not in ("loss", "steps") and v.dim() == 0})
+        generated = self.allocation_summary()
+        if generated is not None:
+            row["generated"] = round(float(generated["generated"].sum()), 1)
             w2 = self.levels["w2"]
-            row["temperature"] = round(temperature(w2.count / max(1, w2.total_steps), *w2.temperatures), 4)
-            row["generated"] = round(float(self.last_epoch["w2"]["generated"].sum()), 1)
+            if hasattr(w2, "temperatures"):
+                row["temperature"] = round(temperature(w2.count / max(1, w2.total_steps), *w2.temperatures), 4)
         self._append_log(row)
         return {k: v for k, v in row.items() if k.endswith("val_acc")}
 
@@ -173,7 +179,7 @@ class Run:
             "config": self.cfg.to_dict(),
             "trainer": self.trainer.state_dict(),
             "levels": {name: p.level_state() for name, p in self.levels.items()},
-            "elapsed": self.elapsed, "last_epoch": self.last_epoch,
+            "elapsed": self.elapsed, "last_epoch": self.last_epoch, "pregenerated": self.pregenerated,
             "processes": self.processes.world_size,
             "rng": self.global_rng_state(),
         }
@@ -225,6 +231,7 @@ class Run:
         self.trainer.load_state_dict(state["trainer"])
         self.elapsed = state["elapsed"]
         self.last_epoch = state["last_epoch"]
+        self.pregenerated = state["pregenerated"]
         self.checkpoint_step = self.engine.global_step
         rng = own["rng"]
         torch.set_rng_state(rng["torch"].cpu())
@@ -259,7 +266,7 @@ class Run:
             test[name] = classification_metrics(logits, y, self.data.train_counts)
         final = "w2" if "w2" in test else "w1"
         iterations = self.ctx.total_steps
-        seconds = self.trainer.phase_seconds.get(self.mode.name, 0.0)
+        seconds = self.trainer.phase_seconds.get(self.main_phase, 0.0)
         metrics = {
             "mode": self.mode.name, "dataset": self.cfg.data.dataset, "seed": self.cfg.run.seed,
             "device": str(self.device), "processes": self.processes.world_size, "final_classifier": final,
@@ -269,16 +276,29 @@ class Run:
             "before": test.get("w1") if final == "w2" else None,
             "after": test[final],
             "wall_time_s": round(self.elapsed, 2),
+            "phase_seconds": {k: round(v, 2) for k, v in self.trainer.phase_seconds.items()},
             "train_images_per_s": round(iterations * self.cfg.train.batch_size / max(seconds, 1e-9), 1),
             "seconds_per_iteration": round(seconds / max(1, iterations), 5),
         }
-        if self.mode.generates:
+        summary = self.allocation_summary()
+        if summary is not None:
             w1_val = self.accuracy(self.levels["w1"], self.data.val_images, self.data.val_labels)
-            metrics["generated_per_class"] = [round(float(v), 1) for v in self.last_epoch["w2"]["generated"].cpu()]
-            rec = self.last_epoch["w2"]
-            metrics["allocation"] = [round(float(v), 4) for v in (rec["allocation"] / rec["steps"]).cpu()]
+            metrics["generated_per_class"] = [round(float(v), 1) for v in summary["generated"].cpu()]
+            metrics["allocation"] = [round(float(v), 4) for v in summary["allocation"].cpu()]
             metrics["w1_val_acc_per_class"] = [round(float(v), 4) for v in w1_val]
         return metrics
+
+    def allocation_summary(self) -> dict[str, torch.Tensor] | None:
+        """Generated images per class (Σ b_m over W2's last epoch, or the set made once in
+        sequential mode) and the mean allocation p(s); None where nothing was generated yet."""
+        if not self.mode.generates:
+            return None
+        if self.pregenerated is not None:
+            return self.pregenerated
+        rec = self.last_epoch.get("w2", {})
+        if "generated" not in rec:
+            return None
+        return {"generated": rec["generated"], "allocation": rec["allocation"] / rec["steps"]}
 
     def table(self, metrics: dict) -> tuple[list[str], list[list[str]]]:
         after = np.asarray(metrics["after"]["per_class_acc"])
@@ -292,7 +312,7 @@ class Run:
         plot_per_class_accuracy(d / "per_class_accuracy.png", metrics["classes"],
                                 (metrics["before"] or metrics["after"])["per_class_acc"],
                                 metrics["after"]["per_class_acc"], metrics["train_counts"])
-        if self.mode.generates:
+        if "generated_per_class" in metrics:
             plot_allocation(d / "allocation.png", metrics["classes"], metrics["generated_per_class"],
                             metrics["w1_val_acc_per_class"])
             save_sample_grid(d / "samples.png", self.samples(), nrow=SAMPLES_PER_CLASS)
@@ -307,12 +327,14 @@ class Run:
             f"test accuracy of the last epoch. {SHOT_RULE}.", "",
             *summary, "",
             "## Per class (the paper's Table-3 layout)", "",
-            "Generated = Σ b_m of generated images of the class in the last epoch.", "",
+            ("Generated = images of the class in the set generated once, before W2 trained."
+             if self.pregenerated is not None else
+             "Generated = Σ b_m of generated images of the class in the last epoch."), "",
             markdown_table(header, rows), "",
             f"Wall time {metrics['wall_time_s']:.1f} s; {metrics['train_images_per_s']:.1f} real training images/s; "
             f"{metrics['seconds_per_iteration']:.4f} s per iteration.", "",
         ]
-        if self.mode.generates:
+        if "generated_per_class" in metrics:
             report += ["![per-class accuracy](per_class_accuracy.png) ![allocation](allocation.png)", "",
                        "![samples of the EMA generator, one row per class](samples.png)", ""]
         else:

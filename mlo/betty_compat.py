@@ -163,6 +163,11 @@ class CompatProblem(ImplicitProblem):
     def distributed(self) -> bool:
         return self._strategy == "distributed"
 
+    @property
+    def world_size(self) -> int:
+        """The processes training this level together (1 outside torchrun; Betty says 0)."""
+        return self._world_size if self.distributed else 1
+
     def patch_module(self):
         if not self.distributed:
             return super().patch_module()

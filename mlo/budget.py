@@ -1,7 +1,8 @@
 """Class needs → allocation p(s) → class samples and relaxed keep-weights b_m.
 
 - ``per_class_val_loss``: mean validation loss ``l_c`` per class (differentiable in W1 and A).
-- Allocators turn class statistics into ``p(s=c)``; ``needs`` is the method (``p ∝ l_c``).
+- Allocators turn class statistics into ``p(s=c)``; ``needs`` is the method (``p ∝ l_c``); each
+  also sets the budget M of generated images per epoch.
 - ``sample_classes``: ``o_m ~ p(s)`` by Gumbel-max from uniforms drawn beforehand.
 - ``keep_weights``: ``b_m = σ((log p(o_m) − log(1 − p(o_m)) + g1 − g2) / T)``, the binary
   Gumbel-softmax relaxation of keeping sample m with probability ``p(o_m)``; ``g1 − g2`` is
@@ -44,11 +45,18 @@ def per_class_val_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 
 class Allocator:
-    """Maps class statistics to ``p(s)``, a distribution over classes."""
+    """Maps class statistics to ``p(s)``, a distribution over classes, and sets the budget M."""
     name = ""
+
+    def __init__(self, gen_per_real: float = 1.0):
+        self.gen_per_real = gen_per_real
 
     def __call__(self, stats: ClassStats) -> torch.Tensor:
         raise NotImplementedError
+
+    def images_per_epoch(self, train_counts, stats: ClassStats | None = None) -> int:
+        """Budget M: ``gen_per_real`` generated images per real training image."""
+        return round(self.gen_per_real * sum(train_counts))
 
 
 ALLOCATORS: dict[str, type[Allocator]] = {}
@@ -88,8 +96,40 @@ class ReciprocalAllocator(Allocator):
         return (inv / inv.sum()).detach()
 
 
-def create_allocator(name: str) -> Allocator:
-    return ALLOCATORS[name]()
+@register_allocator
+class WorstKAllocator(Allocator):
+    """Mistake-driven: only the k classes with the lowest validation accuracy (ties: higher loss)
+    get images, each grown by ``fraction`` of its real training images."""
+    name = "worstk"
+
+    def __init__(self, gen_per_real: float = 1.0, k: int = 3, fraction: float = 0.5):
+        super().__init__(gen_per_real)
+        self.k, self.fraction = k, fraction
+
+    def worst(self, stats: ClassStats) -> torch.Tensor:
+        # accuracy steps are >= 1e-3 apart for up to 1000 validation images a class; tanh(loss) < 1
+        score = (1 - stats.val_acc.detach()) * 1e3 + torch.tanh(stats.val_loss.detach())
+        return torch.topk(score, self.k).indices
+
+    def __call__(self, stats: ClassStats) -> torch.Tensor:
+        weights = torch.zeros_like(stats.val_loss).detach()
+        worst = self.worst(stats)
+        weights[worst] = self.fraction * stats.train_counts[worst].to(weights.dtype)
+        return weights / weights.sum()
+
+    def images_per_epoch(self, train_counts, stats: ClassStats | None = None) -> int:
+        """``fraction`` of the real images of the worst k classes; before any statistics exist
+        (the per-step budget of end2end is fixed when it is built) the k rarest stand in for them."""
+        counts = torch.as_tensor(list(train_counts), dtype=torch.float)
+        chosen = self.worst(stats) if stats is not None else torch.topk(-counts, self.k).indices
+        return round(self.fraction * float(counts[chosen.cpu()].sum()))
+
+
+def create_allocator(name: str, **options) -> Allocator:
+    """``options``: ``gen_per_real`` for every allocator, ``k`` and ``fraction`` for worstk."""
+    if name != "worstk":
+        options = {k: v for k, v in options.items() if k == "gen_per_real"}
+    return ALLOCATORS[name](**options)
 
 
 def uniform_noise(shape, generator: torch.Generator, device) -> torch.Tensor:

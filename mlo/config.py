@@ -75,7 +75,9 @@ class ModelConfig:
 
 @dataclass
 class GANConfig:
-    generator: str = _f("biggan", "class-conditional GAN, by registered name")
+    generator: str = _f("biggan", "class-conditional GAN, by registered name: biggan (hinge loss), vcgan "
+                                  "(label concatenated to z and D's input, JS loss), acgan (auxiliary classifier), "
+                                  "wacgan_gp (AC-GAN with Wasserstein loss and gradient penalty)")
     gan_ch: int = _f(32, "GAN channel multiplier (BigGAN's ch)", min=1)
     z_dim: int = _f(32, "latent size, split into one chunk per generator block (hierarchical z)", min=1)
     shared_dim: int = _f(32, "size of the shared class embedding of the generator", min=1)
@@ -85,16 +87,36 @@ class GANConfig:
     ema_decay: float = _f(0.999, "decay of the generator's exponential moving average", min=0.0, max=1.0)
     diffaugment: str = _f("translation,cutout", "DiffAugment policy for D's inputs ('none' for off)")
     gan_pretrain_steps: int = _f(200, "discriminator/generator steps before the MLO starts", min=0)
+    gp_weight: float = _f(10.0, "wacgan_gp: weight lambda_gp of the gradient penalty", min=0.0)
+    truncation: float | None = _f(None, "latent truncation tau of the images W2 trains on, "
+                                        "z_tau = sign(z) * min(|z|, tau); null: none", min=1e-3)
+    learn_truncation: bool = _f(False, "learn tau (starting at gan.truncation) as an extra level, trunc, that "
+                                       "minimises W2's cross-entropy on generated images")
+    truncation_lr: float = _f(0.01, "learning rate of the learned truncation (Adam on softplus^-1(tau))", min=0.0)
+    topk_min_fraction: float = _f(1.0, "top-k generator updates: only this fraction of the fakes D scores highest "
+                                       "counts in G's loss, annealed down from 1 (1: off)", min=0.0, max=1.0)
+    topk_decay: float = _f(0.99, "top-k: factor on the fraction per generator step, down to topk_min_fraction",
+                           min=0.0, max=1.0)
+    coreset_factor: int = _f(1, "core-set batches: D's real batch is chosen by greedy k-center from this many "
+                                "times as many candidates (1: off)", min=1)
+    lecam_weight: float = _f(0.0, "LeCam regularization of D towards moving averages of its scores (0: off)",
+                             min=0.0)
+    lecam_decay: float = _f(0.99, "LeCam: decay of the moving averages (anchors) of D's scores", min=0.0, max=1.0)
 
 
 @dataclass
 class TrainConfig:
-    mode: str = _f("end2end", "what to train: end2end (the method) or vanilla")
+    mode: str = _f("end2end", "what to train: end2end (the method), sequential, separate, mtl, vanilla, "
+                              "adversarial (worst-case generation against critic and classifier)")
     epochs: int = _f(30, "passes over the long-tailed training set", min=1)
     batch_size: int = _f(64, "real images per step", min=1)
     optimizer: str = _f("adam", "classifier optimizer", choices=("adam", "sgd"))
     lr: float = _f(1e-3, "classifier learning rate", min=0.0)
     momentum: float = _f(0.9, "SGD momentum", min=0.0, max=1.0)
+    sam_rho: float = _f(0.0, "sharpness-aware minimization of the classifiers: neighbourhood radius rho "
+                             "(0.05 is SAM's usual value); 0: plain steps", min=0.0)
+    w2_init: str = _f("scratch", "sequential: W2 starts from scratch, or from W1's trained weights (w1: "
+                                 "fine-tuning, as the mistake-driven scheme)", choices=("scratch", "w1"))
     weight_decay: float = _f(0.0, "classifier weight decay", min=0.0)
     lr_milestones: list[int] = _f([], "epochs at which the learning rates are multiplied by lr_decay")
     lr_decay: float = _f(0.1, "learning-rate factor at each milestone", min=0.0)
@@ -107,9 +129,13 @@ class TrainConfig:
     darts_alpha: float = _f(0.001, "finite-difference step of the darts hops, in parameter norm", min=0.0)
     temperature_start: float = _f(1.0, "Gumbel-softmax temperature at the start", min=1e-6)
     temperature_end: float = _f(0.1, "Gumbel-softmax temperature at the end (exponential anneal)", min=1e-6)
-    allocator: str = _f("needs", "how the generation budget is split between classes")
+    allocator: str = _f("needs", "how the generation budget is split between classes: needs (per-class "
+                                 "validation loss), equal, reciprocal (1/n_c), worstk (mistake-driven)")
+    worstk_k: int = _f(3, "worstk: how many of the worst classes (by validation accuracy) get images", min=1)
+    worstk_fraction: float = _f(0.5, "worstk: generated images per epoch as a fraction of the class's real ones",
+                                min=0.0)
     loss: str = _f("ce", "classification loss of W1 and W2: ce, focal, cb (class-balanced), balanced_softmax, "
-                         "ldam_drw, isda")
+                         "ldam_drw, isda; mwn (Meta-Weight-Net, mode vanilla only)")
     focal_gamma: float = _f(2.0, "focal: focusing exponent gamma of (1 - p_y)^gamma (0 is CE)", min=0.0)
     cb_beta: float = _f(0.9999, "cb and ldam_drw's re-weighting: beta of the weights (1 - beta)/(1 - beta^n_c), "
                                 "in [0, 1)", min=0.0, max=1.0)
@@ -121,10 +147,18 @@ class TrainConfig:
                           min=0.0, max=1.0)
     isda_lambda: float = _f(0.5, "isda: augmentation strength lambda_0, ramped as lambda_0 * fraction of training done",
                             min=0.0)
+    mwn_lr: float = _f(1e-3, "loss=mwn: learning rate of the weighting network (Adam)", min=0.0)
+    mwn_hidden: int = _f(100, "loss=mwn: hidden units of the weighting network", min=1)
+    mtl_weight: float = _f(1.0, "mtl: weight of W2's loss on generated images in the generator's objective", min=0.0)
     gen_per_real: float = _f(1.0, "budget M per epoch, in generated images per real training image", min=0.0)
+    decov_weight: float = _f(0.0, "DeCov regularizer on W2's features of generated images (0: off)", min=0.0)
+    adversarial_form: str = _f("wasserstein", "adversarial mode: form of the critic game",
+                               choices=("wasserstein", "js"))
+    adversarial_lambda: float = _f(1.0, "adversarial mode: weight lambda = 1/epsilon of the critic term in G's "
+                                        "loss against the classifier's loss", min=0.0)
     precision: str = _f("fp32", "fp32, bf16 or fp16 (fp16 needs CUDA; with a loss scaler): autocast of the steps of "
-                                "W1, H, G and W2; the meta level's step and the hypergradient hops stay in fp32",
-                        choices=("fp32", "bf16", "fp16"))
+                                "the levels without hypergradient paths (W1, H, G, W2); the upper levels' steps (A) "
+                                "and the hypergradient hops stay in fp32", choices=("fp32", "bf16", "fp16"))
     max_faults: int = _f(10, "consecutive non-finite steps of one level (skipped) before the run aborts", min=1)
 
 
@@ -349,12 +383,16 @@ def validate(cfg: Config) -> None:
     device = cfg.run.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:N, got '{device}'")
+    if cfg.train.sam_rho > 0 and cfg.train.precision == "fp16":
+        raise ConfigError("train.sam_rho: SAM's steps bypass fp16's gradient scaler; use train.precision=bf16 or fp32")
     if cfg.train.temperature_end > cfg.train.temperature_start:
         raise ConfigError(f"train.temperature_end={cfg.train.temperature_end:g} is above train.temperature_start="
                           f"{cfg.train.temperature_start:g}: the Gumbel temperature anneals downwards")
     if cfg.run.compile != "none" and cfg.train.hypergradient == "exact":
         raise ConfigError(f"run.compile={cfg.run.compile}: train.hypergradient=exact differentiates twice, which "
                           f"torch.compile does not support; use train.hypergradient=darts or run.compile=none")
+    if cfg.gan.learn_truncation and cfg.gan.truncation is None:
+        raise ConfigError("gan.learn_truncation: needs gan.truncation, the tau to start from (e.g. gan.truncation=2)")
     if cfg.run.name is not None and (not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", "..")):
         raise ConfigError(f"run.name: must be a plain folder name, got '{cfg.run.name}'")
 

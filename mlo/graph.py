@@ -18,7 +18,9 @@ _RESERVED = set(dir(ImplicitProblem)) | set(dir(CompatEngine)) | {
     "device", "cfg", "module", "optimizer", "scheduler", "train_data_loader", "train_data_iterator",
     "cur_batch", "epoch_counter", "env", "precision", "dtype", "scaler", "gas", "logger", "ready",
     "leaves", "problems", "dependencies", "config", "records", "noise", "seed", "ready_on",
-    "graph_modules", "loss_fn", "pending_features", "total_steps", "ema", "allocator",
+    "graph_modules", "loss_fn", "pending_features", "total_steps", "ema", "allocator", "objective", "policy",
+    "batch_size", "num_classes", "image_size", "lecam_anchors", "pending_scores", "topk", "decov_weight",
+    "truncation", "gen_per_step", "lambda_gen", "adversarial_lambda",
 }
 
 

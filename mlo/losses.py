@@ -56,6 +56,12 @@ class CrossEntropy(ClassificationLoss):
         return F.cross_entropy(logits.float(), target, reduction="none")
 
 
+@register_loss("mwn")
+class MetaWeightNetLoss(CrossEntropy):
+    """Per-sample cross-entropy, weighted by Meta-Weight-Net's learned weighting network, a level of
+    its own in ``train.mode=vanilla`` (problems/mwn.py)."""
+
+
 @register_loss("focal")
 class FocalLoss(ClassificationLoss):
     """Lin et al.'s ``(1 − p_y)^γ · CE`` on the softmax (no α; γ = 0 is CE)."""
@@ -179,3 +185,11 @@ def create_loss(name: str, class_counts, **options) -> ClassificationLoss:
     cls = LOSSES[name]
     accepted = inspect.signature(cls).parameters
     return cls(torch.as_tensor(class_counts, dtype=torch.float), **{k: v for k, v in options.items() if k in accepted})
+
+
+def decov(features: torch.Tensor) -> torch.Tensor:
+    """DeCov (Cogswell et al., 2016): ``½ (‖C‖²_F − ‖diag C‖²)`` of the batch covariance ``C`` of
+    ``features`` (N, D): penalises correlations between feature dimensions, not their variances."""
+    centred = features.float() - features.float().mean(dim=0)
+    cov = centred.T @ centred / features.shape[0]
+    return 0.5 * (cov.pow(2).sum() - cov.diagonal().pow(2).sum())

@@ -41,6 +41,8 @@ class Phase:
     leaves: list[str] | None = None          # names of the levels stepped each iteration; None: the engine's leaves
     unroll: dict[str, int] = field(default_factory=dict)  # unroll_steps overrides during the phase
     epoch_length: int = 0                     # iterations per epoch (0: no epoch callback)
+    setup: Callable[[], None] | None = None   # run when the phase starts, also when resuming inside it;
+                                              # must be deterministic (a resumed run repeats it)
 
 
 @contextmanager
@@ -140,6 +142,8 @@ class Trainer:
             while not self.done:
                 index, phase = self.phase_index, self.phases[self.phase_index]
                 bar.set_description(phase.name)
+                if phase.setup is not None:
+                    phase.setup()
                 leaves = self.engine.leaves if phase.leaves is None else [getattr(self.engine, n) for n in phase.leaves]
                 with _unroll_overrides(self.engine, phase.unroll):
                     while self.phase_index == index:

@@ -1,8 +1,10 @@
 """One Betty problem per level. Copy one of these to add a level of your own."""
 from problems.base import LevelProblem, level_config
 from problems.classifier import ClassifierProblem, RefinedClassifierProblem
-from problems.gan import DiscriminatorProblem, GeneratorProblem
+from problems.gan import DiscriminatorProblem, GeneratorProblem, TruncationProblem
+from problems.adversarial import AdversarialClassifierProblem, AdversarialGeneratorProblem
 from problems.meta import MetaProblem
 
 __all__ = ["LevelProblem", "level_config", "ClassifierProblem", "RefinedClassifierProblem",
-           "DiscriminatorProblem", "GeneratorProblem", "MetaProblem"]
+           "DiscriminatorProblem", "GeneratorProblem", "TruncationProblem", "AdversarialClassifierProblem",
+           "AdversarialGeneratorProblem", "MetaProblem"]

@@ -95,11 +95,18 @@ def frozen_statistics(modules: list[nn.Module], keep: list[nn.Module] = ()):
 
 @contextmanager
 def forked_rng(seed: int, device):
-    """Global torch RNG seeded with ``seed`` inside, restored outside."""
+    """The global RNGs of the CPU and of ``device`` seeded with ``seed`` inside, restored outside.
+
+    Only those two: ``torch.manual_seed`` would also seed every other backend, and on a machine
+    where CUDA is not initialised each such call queues a lazy call with its formatted stack —
+    a millisecond and a leak per step."""
     device = torch.device(device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         yield
 
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from mlo.budget import Allocator, keep_weights, logistic_noise, per_class_val_loss, sample_classes, temperature, uniform_noise
-from mlo.losses import ClassificationLoss
+from mlo.losses import ClassificationLoss, decov
+from mlo.models.gan.sampling import truncate
 from problems.base import LevelProblem, unwrap
 
 
@@ -19,11 +20,32 @@ class ClassifierProblem(LevelProblem):
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 loss_fn: ClassificationLoss, total_steps: int, **kwargs):
+                 loss_fn: ClassificationLoss, total_steps: int, sam_rho: float = 0.0, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
         self.loss_fn = loss_fn
         self.total_steps = total_steps
         self.pending_features = None  # (features, labels) of the last own step, not yet in the loss's statistics
+        self.sam_rho = sam_rho
+        if sam_rho > 0:  # Betty steps through custom_optimizer_step when a problem has one
+            self.custom_optimizer_step = self.sharpness_aware_step
+
+    def sharpness_aware_step(self, *args, **kwargs) -> None:
+        """SAM (Foret et al.): the update uses the gradient at ``θ + ρ g/‖g‖``, on the same batch.
+        ``training_step`` is a pure function of the batch, so the second evaluation sees the same
+        noise; being no own step, it leaves BN statistics alone."""
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        scale = self.sam_rho / (torch.stack(torch._foreach_norm(grads)).norm() + 1e-12)
+        shifts = torch._foreach_mul(grads, scale)
+        with torch.no_grad():
+            torch._foreach_add_(params, shifts)
+        sharp = torch.autograd.grad(self.training_step_exec(self.cur_batch), params, allow_unused=True)
+        with torch.no_grad():
+            torch._foreach_sub_(params, shifts)
+        for p, g in zip(params, sharp):
+            p.grad = g if g is not None else torch.zeros_like(p)
+        self.average_gradients()  # under torchrun: each process's sharp gradient is of its share of the batch
+        self.optimizer.step()
 
     def forward(self, x):
         return self.module(x, self.shared_neck)
@@ -36,15 +58,20 @@ class ClassifierProblem(LevelProblem):
         batch["progress"] = (self._count - 1) / max(1, self.total_steps)  # Betty counted this step already
         return batch
 
-    def per_sample_loss(self, x, y, progress: float, real: int):
-        """Losses of images ``x`` against ``y``; the first ``real`` are training images, whose
-        features a loss with statistics takes in before the next own step (never from a hop)."""
-        if not self.loss_fn.needs_features:
+    def per_sample_loss(self, x, y, progress: float, real: int, with_features: bool = False):
+        """Losses of images ``x`` against ``y`` (and, ``with_features``, their features before the
+        head); the first ``real`` are training images, whose features a loss with statistics takes
+        in before the next own step (never from a hop)."""
+        if not (self.loss_fn.needs_features or with_features):
             return self.loss_fn(self(x), y, progress=progress)
         logits, features = self.module(x, self.shared_neck, with_features=True)
-        if self._own_step:
-            self.pending_features = (features[:real].detach(), y[:real])
-        return self.loss_fn(logits, y, progress=progress, head_weight=unwrap(self.module).head.weight)
+        head = {}
+        if self.loss_fn.needs_features:
+            if self._own_step:
+                self.pending_features = (features[:real].detach(), y[:real])
+            head["head_weight"] = unwrap(self.module).head.weight
+        losses = self.loss_fn(logits, y, progress=progress, **head)
+        return (losses, features) if with_features else losses
 
     def training_step(self, batch):
         return self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"])).mean()
@@ -64,12 +91,15 @@ class RefinedClassifierProblem(ClassifierProblem):
 
     ``p(s)`` comes from the allocator applied to W1's per-class loss on a class-balanced
     validation batch, so b_m carries gradients to W1 and A; o_m, δ_m and the Gumbel noise are
-    drawn in ``prepare_batch``.
+    drawn in ``prepare_batch``. The latents are truncated at the τ of a ``trunc`` level (learned)
+    or at ``truncation`` (fixed), if either is given; ``decov_weight`` adds the DeCov penalty of
+    W2's features of the generated images.
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
                  loss_fn: ClassificationLoss, allocator: Allocator, train_counts, gen_per_step: int,
-                 lambda_gen: float, temperatures: tuple[float, float], total_steps: int, **kwargs):
+                 lambda_gen: float, temperatures: tuple[float, float], total_steps: int,
+                 truncation: float | None = None, decov_weight: float = 0.0, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn,
                          total_steps=total_steps, **kwargs)
         self.allocator = allocator
@@ -78,6 +108,8 @@ class RefinedClassifierProblem(ClassifierProblem):
         self.gen_per_step = gen_per_step
         self.lambda_gen = lambda_gen
         self.temperatures = temperatures
+        self.truncation = truncation
+        self.decov_weight = decov_weight
 
     def initialize(self):
         super().initialize()
@@ -85,12 +117,17 @@ class RefinedClassifierProblem(ClassifierProblem):
 
     def prepare_batch(self, data):
         (x, y), (x_val, y_val) = data
+        return {"x": x, "y": y, **self.generation_noise(self.noise, x_val, y_val)}
+
+    def generation_noise(self, generator: torch.Generator, x_val, y_val) -> dict:
+        """The draws behind ``generate`` (latents, class and keep noise), from ``generator``, plus the
+        validation batch p(s) is computed on and the current temperature."""
         m, dev = self.gen_per_step, self.device
         return {
-            "x": x, "y": y, "x_val": x_val, "y_val": y_val,
-            "z": torch.randn(m, unwrap(self.gen.module).z_dim, generator=self.noise, device=dev),
-            "class_uniforms": uniform_noise((m, self.num_classes), self.noise, dev),
-            "logistic": logistic_noise((m,), self.noise, dev),
+            "x_val": x_val, "y_val": y_val,
+            "z": torch.randn(m, unwrap(self.gen.module).z_dim, generator=generator, device=dev),
+            "class_uniforms": uniform_noise((m, self.num_classes), generator, dev),
+            "logistic": logistic_noise((m,), generator, dev),
             "temperature": temperature(self._count / max(1, self.total_steps), *self.temperatures),
         }
 
@@ -101,17 +138,31 @@ class RefinedClassifierProblem(ClassifierProblem):
         stats.train_counts = self.train_counts
         return self.allocator(stats), stats
 
-    def training_step(self, batch):
+    def latents(self, z):
+        """The generator's latents δ_m, truncated at the learned or the fixed τ, if any."""
+        learned = getattr(self, "trunc", None)  # Betty sets levels as attributes, by name
+        if learned is not None:
+            return learned.module(z)
+        return z if self.truncation is None else truncate(z, self.truncation)
+
+    def generate(self, batch):
+        """Classes ``o_m ~ p(s)``, keep-weights ``b_m`` and images ``G(o_m, δ_m)`` for the batch's noise."""
         p, stats = self.allocation(batch["x_val"], batch["y_val"])
         classes = sample_classes(p, batch["class_uniforms"])
         keep = keep_weights(p[classes], batch["logistic"], batch["temperature"])
-        generated = self.gen.module(batch["z"], classes)
+        return self.gen.module(self.latents(batch["z"]), classes), classes, keep, p, stats
+
+    def training_step(self, batch):
+        generated, classes, keep, p, stats = self.generate(batch)
         n = batch["y"].shape[0]
-        losses = self.per_sample_loss(torch.cat([batch["x"], generated]), torch.cat([batch["y"], classes]),
-                                      batch["progress"], real=n)
+        losses, features = self.per_sample_loss(torch.cat([batch["x"], generated]), torch.cat([batch["y"], classes]),
+                                                batch["progress"], real=n, with_features=True)
         real_loss = losses[:n].mean()
         gen_loss = (keep * losses[n:]).mean()
         self.record("generated", F.one_hot(classes, self.num_classes).float().mul(keep[:, None]).sum(0))
         self.record("allocation", p)
         self.record("val_loss", stats.val_loss)
-        return real_loss + self.lambda_gen * gen_loss
+        loss = real_loss + self.lambda_gen * gen_loss
+        if self.decov_weight:
+            loss = loss + self.decov_weight * decov(features[n:])
+        return loss

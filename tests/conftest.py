@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mlo.config import load_config
-from tests import smooth_models  # noqa: F401  (registers tiny_tanh and tiny_tanh_gan)
+from tests import smooth_models  # noqa: F401  (registers tiny_tanh, tiny_tanh_gan and tiny_tanh_wacgan_gp)
 
 TINY = [
     "data.dataset=digits", "data.imbalance_factor=4", "data.val_per_class=4", "data.test_per_class=20",

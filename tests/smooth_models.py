@@ -12,9 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlo.models import register_model
-from mlo.models.gan import GAN, hinge_loss
+from mlo.models.gan import GAN
+from mlo.models.gan.acgan import ACDiscriminator
 from mlo.models.gan.biggan import ProjectionDiscriminator
 from mlo.models.gan.layers import snlinear
+from mlo.models.gan.losses import HINGE, WASSERSTEIN, GANObjective
 
 
 class TanhEncoder(nn.Module):
@@ -49,5 +51,26 @@ def tiny_tanh_gan(image_shape, num_classes, feature_dim, cfg, encoder=None, neck
     c, h, w = image_shape
     body = encoder if encoder is not None else TanhEncoder(c * h * w, feature_dim, linear=snlinear)
     return GAN(generator=TanhGenerator(image_shape, num_classes, cfg.z_dim, cfg.gan_ch),
-               discriminator=ProjectionDiscriminator(body, num_classes, neck=neck),
-               d_loss=hinge_loss.discriminator, g_loss=hinge_loss.generator)
+               discriminator=ProjectionDiscriminator(body, num_classes, neck=neck), objective=GANObjective(HINGE))
+
+
+class DirectCriticACDiscriminator(ACDiscriminator):
+    """An AC discriminator whose adversarial head reads φ(x) directly and whose class head reads
+    A(φ(x)). The exact reference of the hop (disc → meta) differentiates the gradient penalty three
+    times; through A's batch norm torch cannot (no third derivative of batch_norm), so the
+    penalty's critic stays off A here, while the class term keeps the path through A."""
+
+    def forward(self, x, y, shared_neck=None):
+        h = self.body(x)
+        neck = self.neck if self.neck is not None else shared_neck
+        return self.psi(h).squeeze(1), self.class_head(neck(h, self.stream) if neck is not None else h)
+
+
+@register_model("gan")
+def tiny_tanh_wacgan_gp(image_shape, num_classes, feature_dim, cfg, encoder=None, neck=None) -> GAN:
+    """WAC-GAN-GP's objective (Wasserstein, auxiliary classifier, gradient penalty) on tanh networks."""
+    c, h, w = image_shape
+    body = encoder if encoder is not None else TanhEncoder(c * h * w, feature_dim)
+    return GAN(generator=TanhGenerator(image_shape, num_classes, cfg.z_dim, cfg.gan_ch),
+               discriminator=DirectCriticACDiscriminator(body, num_classes, neck=neck, which_linear=nn.Linear),
+               objective=GANObjective(WASSERSTEIN, auxiliary_classifier=True, gp_weight=cfg.gp_weight))

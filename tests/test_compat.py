@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 
+from mlo.errors import ConfigError
 from mlo.trainer import Phase, Trainer
 from problems import ClassifierProblem
-from mlo.errors import ConfigError
 from tests.conftest import build_run
 
 
@@ -61,3 +61,13 @@ def test_inductor_on_a_cpu_without_a_compiler_is_refused(monkeypatch):
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
     with pytest.raises(ConfigError, match=r"run.compile=inductor: inductor needs a C\+\+ compiler"):
         build_run("train.mode=vanilla", "run.compile=inductor")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is initialised here, so nothing is queued")
+def test_steps_do_not_queue_lazy_cuda_calls():
+    """Seeding every backend per step would queue a lazy CUDA call (with its stack) each time."""
+    run = build_run("train.meta_every=2")
+    Trainer(run.engine, [Phase("warm", 2)], progress=False).run()
+    queued = len(torch.cuda._queued_calls)
+    Trainer(run.engine, [Phase("p", 4)], progress=False).run()
+    assert len(torch.cuda._queued_calls) == queued

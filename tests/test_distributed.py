@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_reliability import TIMING
+
 REPO = Path(__file__).resolve().parents[1]
 # 4 GAN steps, then 13 iterations with a meta step every 4; checkpoints at steps 6, 12 and 17
 TINY_RUN = ["data.n_max=40", "data.imbalance_factor=4", "data.val_per_class=4", "data.test_per_class=10",
             "data.val_batch_size=20", "model.width=4", "gan.gan_ch=4", "gan.z_dim=8", "gan.shared_dim=4",
             "gan.gan_pretrain_steps=4", "train.batch_size=16", "train.epochs=1", "train.meta_every=4",
             "run.device=cpu", "run.progress=false", "run.checkpoint_every=6", "run.name=ddp"]
-TIMING = {"wall_time_s", "train_images_per_s", "seconds_per_iteration"}
 
 
 def torchrun(debug_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:

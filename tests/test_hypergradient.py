@@ -30,7 +30,8 @@ def _exact_hop(v, curr, prev):
 def exact_meta_gradient(meta):
     loss = meta.training_step_exec(meta.cur_batch)
     params = meta.trainable_parameters()
-    total = list(torch.autograd.grad(loss, params, retain_graph=True))
+    total = [g if g is not None else torch.zeros_like(p)
+             for g, p in zip(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True), params)]
     for path in meta.paths:
         v = torch.autograd.grad(loss, path[1].trainable_parameters(), retain_graph=True, allow_unused=True)
         v = [g if g is not None else torch.zeros_like(p) for g, p in zip(v, path[1].trainable_parameters())]
@@ -45,10 +46,10 @@ def _set_hop_precision(run, precision: str) -> None:
         level.hop_precision = precision
 
 
-def run_and_compare(run, iterations: int, hop_precision: str = "fp32"):
-    """Cosine and relative error of meta's gradient against the exact reference, which is always
+def run_and_compare(run, iterations: int, level: str = "meta", hop_precision: str = "fp32"):
+    """Cosine and relative error of ``level``'s gradient against the exact reference, which is always
     computed in fp32; ``hop_precision`` is the precision Betty's hops run in."""
-    meta = run.levels["meta"]
+    meta = run.levels[level]
     reports = []
 
     def check():  # Betty calls grad_callback after backward, before the optimizer step
@@ -172,3 +173,12 @@ def test_noise_inside_training_step_is_made_safe_by_the_base_class():
 def test_noise_inside_training_step_corrupts_an_unprotected_level():
     unprotected = run_and_compare(_swap_w2_class(build_run(*SMOOTH, "train.meta_every=2"), UnprotectedNoisyRefinedClassifier), 4)
     assert min(cos for cos, _ in unprotected) < 0.9, unprotected
+
+
+def test_meta_weight_net_hypergradient_matches_exact_reference():
+    """Meta-Weight-Net's hops are exact by construction (see problems/mwn.py); this checks the wiring."""
+    run = build_run("train.mode=vanilla", "train.loss=mwn")
+    assert run.levels["w1"].config.type == "exact"
+    assert [[p.name for p in path] for path in run.levels["mwn"].paths] == [["mwn", "w1", "mwn"]]
+    reports = run_and_compare(run, iterations=3, level="mwn")
+    assert len(reports) == 3 and all(cos >= 0.9999 and rel < 1e-3 for cos, rel in reports), reports

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # long enough (about 150 iterations) to be killed in the middle, small enough to take seconds
 LONG = ["epochs=20", "gan_pretrain_steps=10", "width=8", "gan_ch=8", "z_dim=8", "shared_dim=8",
         "meta_every=4", "progress=false", "checkpoint_every=3"]
-TIMING = {"wall_time_s", "train_images_per_s", "seconds_per_iteration"}
+TIMING = {"wall_time_s", "train_images_per_s", "seconds_per_iteration", "phase_seconds"}
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:

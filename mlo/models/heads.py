@@ -48,3 +48,14 @@ class Classifier(nn.Module):
         features = self.features(x, shared_neck)
         logits = self.head(features)
         return (logits, features) if with_features else logits
+
+
+class WeightingNet(nn.Module):
+    """Meta-Weight-Net's weighting function: a per-sample loss → a weight in (0, 1), an MLP 1→h→1."""
+
+    def __init__(self, hidden: int = 100):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(losses[:, None])).squeeze(1)

@@ -1,4 +1,5 @@
-"""Per-resolution architecture tables (BigGAN-PyTorch's G_arch / D_arch), in multiples of ``ch``."""
+"""Per-resolution architecture tables (BigGAN-PyTorch's G_arch / D_arch), in multiples of ``ch``:
+BigGAN's, and the DCGAN-style ones of the VCGAN, AC-GAN and WAC-GAN-GP."""
 from __future__ import annotations
 
 from mlo.errors import ConfigError
@@ -28,4 +29,18 @@ def gan_resolution(image_size: int) -> int:
     if image_size not in G_ARCH:
         raise ConfigError(f"gan.generator: no BigGAN architecture for {image_size}x{image_size} images "
                           f"(tables exist for {', '.join(map(str, sorted(G_ARCH)))})")
+    return image_size
+
+
+# DCGAN style. G: channel multipliers of the 4x4 map and of each map after a doubling up-convolution;
+# D: channel multipliers after each halving convolution, down to a 2x2 map.
+DC_G_ARCH = {8: [4, 2], 16: [4, 2, 1], 32: [4, 4, 2, 1]}
+DC_D_ARCH = {8: [2, 4], 16: [1, 2, 4], 32: [1, 2, 4, 4]}
+DC_BOTTOM_WIDTH, DC_TOP_WIDTH = 4, 2
+
+
+def dcgan_resolution(generator: str, image_size: int) -> int:
+    if image_size not in DC_G_ARCH:
+        raise ConfigError(f"gan.generator: {generator} has no DCGAN-style architecture for {image_size}x{image_size} "
+                          f"images (tables exist for {', '.join(map(str, sorted(DC_G_ARCH)))}; biggan also has 64 and 128)")
     return image_size

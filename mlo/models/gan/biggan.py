@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlo.models.gan import GAN, hinge_loss
+from mlo.models.gan import GAN
 from mlo.models.gan.arch import BOTTOM_WIDTH, D_ARCH, G_ARCH, gan_resolution
 from mlo.models.gan.layers import DBlock, GBlock, SelfAttention, snconv2d, snlinear
+from mlo.models.gan.losses import HINGE, GANObjective
 from mlo.models.heads import MetaBlock
 from mlo.models.registry import register_model
 
@@ -103,5 +104,4 @@ def biggan(image_shape, num_classes: int, feature_dim: int, cfg, encoder: nn.Mod
     generator = Generator(resolution, channels, num_classes, cfg.gan_ch, cfg.z_dim, cfg.shared_dim)
     body = encoder if encoder is not None else DiscriminatorBody(resolution, channels, cfg.gan_ch, feature_dim)
     discriminator = ProjectionDiscriminator(body, num_classes, neck=neck)
-    return GAN(generator=generator, discriminator=discriminator, d_loss=hinge_loss.discriminator,
-               g_loss=hinge_loss.generator)
+    return GAN(generator=generator, discriminator=discriminator, objective=GANObjective(HINGE))

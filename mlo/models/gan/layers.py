@@ -104,3 +104,14 @@ class DBlock(nn.Module):
             s = F.avg_pool2d(s, 2) if self.downsample else s
             s = self.shortcut(s) if self.shortcut is not None else s
         return h + s
+
+
+def up_block(c_in: int, c_out: int) -> nn.Module:
+    """DCGAN generator block: a transposed 4x4 convolution that doubles the size, BN, ReLU."""
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU())
+
+
+def down_block(c_in: int, c_out: int, which_conv=snconv2d) -> nn.Module:
+    """DCGAN discriminator block: a 4x4 convolution of stride 2 that halves the size, LeakyReLU(0.2)."""
+    return nn.Sequential(which_conv(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2))

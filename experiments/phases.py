@@ -1,0 +1,68 @@
+"""Phases by name: how a mode's levels are trained over time (``Mode.phases`` lists them).
+
+Every classifier phase lasts ``train.epochs`` epochs; the GAN phases of the baselines give the GAN
+the updates it gets in end2end (the pre-training steps, then one discriminator step per iteration
+and one generator step every ``meta_every``).
+"""
+from __future__ import annotations
+
+import torch
+
+from mlo.budget import per_class_val_loss, sample_classes, uniform_noise
+from mlo.data.loaders import make_loader, to_uint8
+from mlo.metrics import predict
+from mlo.models.gan.sampling import truncate
+from mlo.trainer import Phase
+
+GENERATION_CHUNK = 500
+
+
+def build_phases(run) -> list[Phase]:
+    ctx, cfg, mode = run.ctx, run.cfg, run.mode
+    total, epoch = ctx.total_steps, ctx.steps_per_epoch
+    pretrain = cfg.gan.gan_pretrain_steps
+    make = {
+        "gan_pretrain": lambda: Phase("GAN pre-training", pretrain, leaves=["disc"], unroll={"disc": 1}) if pretrain else None,
+        "gan": lambda: Phase("GAN", total, leaves=["disc"]),
+        "joint": lambda: Phase(mode.name, total, epoch_length=epoch),
+        "w1": lambda: Phase("W1", total, leaves=["w1"], epoch_length=epoch),
+        "w2_pregenerated": lambda: Phase("W2", total, leaves=["w2"], epoch_length=epoch, setup=lambda: pregenerate(run)),
+        "mlo_frozen_gan": lambda: Phase("W1, W2, A (GAN frozen)", total, leaves=["w1"], epoch_length=epoch),
+    }
+    return [phase for phase in (make[name]() for name in mode.phases) if phase is not None]
+
+
+def renamed_stream(state: dict, old: str, new: str) -> dict:
+    """A classifier's state with its A-block statistics moved from stream ``old`` to ``new``."""
+    return {key.replace(f"norms.{old}.", f"norms.{new}."): value for key, value in state.items()}
+
+
+@torch.no_grad()
+def pregenerate(run) -> None:
+    """Sequential mode: p(s) frozen from W1's loss on the whole validation set, the budget M of
+    images drawn once from the generator's moving average, installed as W2's generated set (and,
+    with ``train.w2_init=w1``, W2 started from W1's weights). Deterministic, so a run resumed inside
+    W2's phase rebuilds the same set."""
+    ctx, data, device = run.ctx, run.data, run.device
+    w1, w2 = run.levels["w1"], run.levels["w2"]
+    if run.cfg.train.w2_init == "w1" and w2.count == 0:  # fine-tuning starts from W1 (not again on resume)
+        w2.module.load_state_dict(renamed_stream(w1.module.state_dict(), "w1", "w2"))
+    ema = run.levels["gen"].ema.module.eval()
+    run.engine.eval()
+    logits, labels = predict(w1, make_loader("sequential", data.val_images, data.val_labels, GENERATION_CHUNK, device=device))
+    stats = per_class_val_loss(logits.to(device), labels.to(device), data.num_classes)
+    stats.train_counts = torch.as_tensor(data.train_counts, dtype=torch.float, device=device)
+    p = ctx.allocator(stats)
+    count = ctx.allocator.images_per_epoch(data.train_counts, stats)
+    noise = torch.Generator(device=device).manual_seed(ctx.seed(77))
+    classes = sample_classes(p, uniform_noise((count, data.num_classes), noise, device))
+    tau = run.cfg.gan.truncation
+
+    def latents(n):
+        z = torch.randn(n, ema.z_dim, generator=noise, device=device)
+        return z if tau is None else truncate(z, tau)
+
+    images = torch.cat([ema(latents(len(c)), c) for c in classes.split(GENERATION_CHUNK)])
+    w2.set_generated(to_uint8(images), classes, seed=ctx.seed(78))
+    run.pregenerated = {"generated": torch.bincount(classes, minlength=data.num_classes).float(), "allocation": p}
+    run.engine.train()

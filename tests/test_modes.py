@@ -1,0 +1,190 @@
+"""Every mode builds the levels, edges, allocator and phases it claims, on tiny data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from experiments.modes import MODES
+from experiments.phases import pregenerate
+from mlo.budget import ClassStats, WorstKAllocator, create_allocator
+from mlo.trainer import Phase, Trainer
+from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem, GeneratorProblem,
+                      RefinedClassifierProblem)
+from problems.base import frozen_statistics
+from problems.multitask import MultiTaskGeneratorProblem
+from problems.sequential import PregeneratedClassifierProblem
+from tests.conftest import build_run
+
+FAST = ("train.epochs=2", "gan.gan_pretrain_steps=4", "train.meta_every=2")
+
+
+def wiring(run) -> dict:
+    return {p.name: sorted(c.name for c in p.children) for p in run.engine.problems}
+
+
+def adam_steps(problem) -> int:
+    state = problem.optimizer.state[problem.trainable_parameters()[0]]
+    return int(state["step"]) if state else 0
+
+
+def test_end2end_graph():
+    run = build_run(*FAST)
+    assert wiring(run) == {"disc": [], "w1": [], "gen": ["disc"], "w2": ["gen", "w1"], "meta": ["w1", "w2"]}
+    assert len(run.levels["meta"].paths) == 5
+    assert isinstance(run.levels["w2"], RefinedClassifierProblem)
+    assert [p.name for p in run.trainer.phases] == ["GAN pre-training", "end2end"]
+
+
+def test_sequential_graph_phases_and_no_feedback_into_w1_or_g(tmp_path):
+    run = build_run("train.mode=sequential", *FAST)
+    assert isinstance(run.levels["w2"], PregeneratedClassifierProblem)
+    assert wiring(run) == {"w1": [], "disc": [], "gen": ["disc"], "w2": []}
+    assert [p.name for p in run.trainer.phases] == ["W1", "GAN pre-training", "GAN", "W2"]
+    run.run_dir = tmp_path
+    run.trainer.run()
+    total = run.ctx.total_steps
+    steps = {n: adam_steps(p) for n, p in run.levels.items()}
+    # W1 and W2 each train for their epochs; the GAN gets end2end's updates (pre-training, then G every 2)
+    assert steps == {"w1": total, "disc": 4 + total, "gen": 4 + total // 2, "w2": total}
+    w2 = run.levels["w2"]
+    run.engine.train()
+    loss = w2.training_step(w2.get_batch())
+    for name in ("w1", "gen"):
+        grads = torch.autograd.grad(loss, run.levels[name].trainable_parameters(), retain_graph=True, allow_unused=True)
+        assert all(g is None or not g.any() for g in grads), name
+    assert run.pregenerated["generated"].sum() == run.ctx.allocator.images_per_epoch(run.data.train_counts)
+
+
+def test_separate_trains_the_gan_first_and_freezes_it():
+    run = build_run("train.mode=separate", *FAST)
+    assert wiring(run) == {"disc": [], "w1": [], "gen": ["disc"], "w2": ["w1"], "meta": ["w1", "w2"]}
+    assert {">".join(p.name for p in path) for path in run.levels["meta"].paths} == {
+        "meta>w1>meta", "meta>w2>w1>meta", "meta>w2>meta"}
+    gan_phases, mlo_phase = run.trainer.phases[:2], run.trainer.phases[2]
+    Trainer(run.engine, gan_phases, progress=False).run()
+    generator = [p.detach().clone() for p in run.levels["gen"].trainable_parameters()]
+    Trainer(run.engine, [mlo_phase], progress=False).run()
+    assert all(torch.equal(a, b) for a, b in zip(generator, run.levels["gen"].trainable_parameters()))
+    total = run.ctx.total_steps
+    assert adam_steps(run.levels["w2"]) == total and adam_steps(run.levels["meta"]) == total // 2
+
+
+def test_mtl_generator_objective_includes_w2s_loss():
+    run = build_run("train.mode=mtl", *FAST)
+    gen = run.levels["gen"]
+    assert isinstance(gen, MultiTaskGeneratorProblem) and "meta" not in run.levels
+    assert wiring(run) == {"disc": [], "w1": [], "gen": ["disc"], "w2": ["gen", "w1"]}
+    run.engine.train()
+    batch = gen.get_batch()
+    with_classifier = gen.training_step(batch)
+    gen.classifier_weight = 0.0
+    gan_only = gen.training_step(batch)
+    assert not torch.isclose(with_classifier, gan_only)
+    grads = torch.autograd.grad(with_classifier, run.levels["w2"].trainable_parameters(), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)  # W2's loss really reads G's images
+    Trainer(run.engine, [Phase("mtl", 4)], progress=False).run()
+    assert adam_steps(gen) == 2 and adam_steps(run.levels["w2"]) == 4
+
+
+def test_vanilla_has_one_plain_classifier():
+    run = build_run("train.mode=vanilla")
+    assert type(run.levels["w1"]) is ClassifierProblem and wiring(run) == {"w1": []}
+
+
+def test_meta_weight_net_is_a_two_level_vanilla_baseline():
+    run = build_run("train.mode=vanilla", "train.loss=mwn")
+    assert wiring(run) == {"w1": [], "mwn": ["w1"]}
+    weights_before = [p.detach().clone() for p in run.levels["mwn"].trainable_parameters()]
+    Trainer(run.engine, [Phase("mwn", 3)], progress=False).run()
+    assert adam_steps(run.levels["w1"]) == 3 and adam_steps(run.levels["mwn"]) == 3
+    assert any(not torch.equal(a, b) for a, b in zip(weights_before, run.levels["mwn"].trainable_parameters()))
+
+
+def test_meta_weight_net_only_in_vanilla():
+    from mlo.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.loss=mwn is Meta-Weight-Net, a baseline of train.mode=vanilla"):
+        build_run("train.loss=mwn")
+
+
+def test_adversarial_generator_plays_against_critic_and_classifier(tmp_path):
+    run = build_run("train.mode=adversarial", *FAST)
+    gen, w2 = run.levels["gen"], run.levels["w2"]
+    assert isinstance(gen, AdversarialGeneratorProblem) and isinstance(w2, AdversarialClassifierProblem)
+    assert wiring(run) == {"w2": [], "disc": [], "gen": ["disc", "w2"]}
+    assert all(not p.paths for p in run.engine.problems)  # first order: no hypergradients
+    assert gen.objective.adversarial.name == run.levels["disc"].objective.adversarial.name == "wasserstein"
+    run.engine.train()
+    batch = gen.get_batch()
+    loss = gen.training_step_exec(batch)
+    gen.adversarial_lambda = 0.0  # what is left is −ℓ(C(G(z, y)), y): G maximises the classifier's loss
+    with torch.no_grad(), frozen_statistics(gen.graph_modules):
+        classifier_loss = torch.nn.functional.cross_entropy(w2(gen.module(batch["z"], batch["y"])), batch["y"])
+    assert torch.isclose(gen.training_step_exec(batch), -classifier_loss)
+    for level in ("disc", "w2"):
+        grads = torch.autograd.grad(loss, run.levels[level].trainable_parameters(), retain_graph=True, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), level  # G's loss reads both
+    gen.adversarial_lambda = 1.0
+    metrics = run.execute(tmp_path)
+    total = run.ctx.total_steps
+    assert {n: adam_steps(p) for n, p in run.levels.items()} == {"w2": total, "disc": total, "gen": total}
+    assert metrics["mode"] == "adversarial" and metrics["before"] is None and metrics["final_classifier"] == "w2"
+    assert (tmp_path / "metrics.json").exists()
+
+
+def test_every_mode_is_covered_here():
+    assert set(MODES) == {"end2end", "sequential", "separate", "mtl", "vanilla", "adversarial"}
+
+
+def _stats(acc, loss, counts):
+    t = lambda v: torch.tensor(v, dtype=torch.float)
+    return ClassStats(val_loss=t(loss), val_acc=t(acc), train_counts=t(counts))
+
+
+def test_budgets_of_the_allocators():
+    counts = [100, 50, 20, 10, 5]
+    assert create_allocator("needs", gen_per_real=1.0).images_per_epoch(counts) == 185
+    assert create_allocator("equal", gen_per_real=0.5).images_per_epoch(counts) == 92
+    worstk = create_allocator("worstk", k=2, fraction=0.5)
+    assert worstk.images_per_epoch(counts) == round(0.5 * (10 + 5))  # before statistics: the rarest
+    s = _stats(acc=[0.2, 0.9, 0.9, 1.0, 1.0], loss=[2.0, 0.5, 0.6, 0.1, 0.1], counts=counts)
+    assert worstk.images_per_epoch(counts, s) == round(0.5 * (100 + 20))  # the worst: classes 0 and 2
+
+
+def test_worstk_touches_only_the_k_worst_classes():
+    alloc = WorstKAllocator(k=2, fraction=0.5)
+    s = _stats(acc=[0.5, 0.9, 0.5, 1.0, 0.8], loss=[1.0, 0.2, 1.5, 0.1, 0.3], counts=[100, 50, 20, 10, 5])
+    p = alloc(s)
+    assert (p > 0).nonzero().flatten().tolist() == [0, 2]
+    assert torch.allclose(p[[0, 2]], torch.tensor([100.0, 20.0]) / 120)
+
+
+def test_sequential_generation_follows_the_allocator():
+    run = build_run("train.mode=sequential", "train.allocator=equal", "train.gen_per_real=10")
+    pregenerate(run)
+    counts = run.pregenerated["generated"].numpy()
+    assert counts.sum() == 10 * sum(run.data.train_counts)
+    assert stats.chisquare(counts).pvalue > 1e-3  # equal shares
+    run = build_run("train.mode=sequential", "train.allocator=reciprocal", "train.gen_per_real=10")
+    pregenerate(run)
+    counts = run.pregenerated["generated"].numpy()
+    inv = 1 / np.asarray(run.data.train_counts, dtype=float)
+    assert stats.chisquare(counts, counts.sum() * inv / inv.sum()).pvalue > 1e-3
+    run = build_run("train.mode=sequential", "train.allocator=worstk", "train.worstk_k=3")
+    pregenerate(run)
+    assert (run.pregenerated["generated"] > 0).sum() <= 3
+
+
+def test_sequential_set_is_rebuilt_identically_on_resume():
+    run = build_run("train.mode=sequential")
+    pregenerate(run)
+    first = run.levels["w2"].train_data_loader[1].images.clone()
+    pregenerate(run)
+    assert torch.equal(first, run.levels["w2"].train_data_loader[1].images)
+
+
+def test_worstk_larger_than_the_classes_is_refused():
+    from mlo.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.worstk_k=11 exceeds the 10 classes"):
+        build_run("train.allocator=worstk", "train.worstk_k=11")
