@@ -118,7 +118,7 @@ class CompatProblem(ImplicitProblem):
     """``ImplicitProblem`` with device-generic mixed precision, several processes and no host sync
     per step."""
 
-    hop_precision = "fp32"  # of every evaluation of training_step that is not the level's own step
+    hop_precision = "fp32"  # of the hops and the own steps of levels with paths (evaluation_precision)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
