@@ -64,15 +64,28 @@ def existing_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
+class UnreadableFile(Exception):
+    """A torch file that ``read_torch_file`` could not load; the message is a one-line reason."""
+
+
+def read_torch_file(path: str | Path, map_location="cpu") -> Any:
+    """``torch.load(weights_only=True)``, with every way a damaged or foreign file fails turned into
+    ``UnreadableFile``, so each caller can say in its own words which file and what to do."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise UnreadableFile((str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]) from None
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return read_torch_file(path, map_location)
+    except UnreadableFile as exc:
+        reason = str(exc)
         previous = previous_path(path)
         keep = (f"; the previous checkpoint '{previous}' is kept: move it over '{path.name}' to resume from it"
                 if previous.is_file() else "; delete it to start over")
-        raise UserError(f"checkpoint '{path}' is truncated or corrupted ({reason[:100]}){keep}") from None
+        raise UserError(f"checkpoint '{path}' is truncated or corrupted ({reason}){keep}") from None

@@ -17,9 +17,7 @@ Inception-v3 features from weights already on disk; nothing is downloaded.
 """
 from __future__ import annotations
 
-import pickle
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from scipy import linalg
 from scipy.special import xlogy
 
+from mlo.checkpoint import UnreadableFile, read_torch_file
 from mlo.data.loaders import TensorLoader, make_loader
 from mlo.errors import UserError
 from mlo.metrics import predict
@@ -238,10 +237,9 @@ def inception_extractor(weights_path: str | Path, device) -> FeatureExtractor:
         raise UserError(f"Inception-v3 weights '{path}' not found; give a torchvision inception_v3 state_dict "
                         f"saved on this machine (nothing is downloaded)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"Inception-v3 weights '{path}' could not be read ({reason[:120]}); "
+        state = read_torch_file(path)
+    except UnreadableFile as exc:
+        raise UserError(f"Inception-v3 weights '{path}' could not be read ({exc}); "
                         f"expected a torchvision inception_v3 state_dict saved with torch.save") from None
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise UserError(f"'{path}' is not a torchvision inception_v3 state_dict (no 'fc.weight'); "

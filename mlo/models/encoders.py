@@ -7,15 +7,14 @@ every timm model is an encoder as ``timm:<name>`` (timm is imported only when on
 from __future__ import annotations
 
 import math
-import pickle
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mlo.checkpoint import UnreadableFile, read_torch_file
 from mlo.errors import ConfigError
 from mlo.models.registry import register_family, register_model
 
@@ -136,11 +135,9 @@ def load_encoder_weights(encoder: nn.Module, path: str) -> None:
         raise ConfigError(f"model.pretrained_path: '{file}' does not exist; give a local weights file "
                           f"(nothing is downloaded)")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"model.pretrained_path: '{file}' is not a readable torch weights file "
-                          f"({reason[:120]})") from None
+        state = read_torch_file(file)
+    except UnreadableFile as exc:
+        raise ConfigError(f"model.pretrained_path: '{file}' is not a readable torch weights file ({exc})") from None
     if isinstance(state, dict):
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
