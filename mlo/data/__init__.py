@@ -12,14 +12,14 @@ import numpy as np
 from mlo.data import imagenet_lt as _imagenet_lt  # noqa: F401  (registers the imagenet_lt source)
 from mlo.data.loaders import ImageSet
 from mlo.data.longtail import SHOT_RULE, longtail_counts, longtail_split, shot_groups
-from mlo.data.sources import SOURCES, ImageData, load_source, register_source
+from mlo.data.sources import SOURCES, ClassesAndShape, ImageData, load_source, register_source
 
 __all__ = ["LongTailData", "build_longtail", "longtail_counts", "longtail_split", "shot_groups",
            "SHOT_RULE", "SOURCES", "ImageData", "register_source"]
 
 
 @dataclass
-class LongTailData:
+class LongTailData(ClassesAndShape):
     train_images: ImageSet
     train_labels: np.ndarray
     val_images: ImageSet
@@ -28,14 +28,6 @@ class LongTailData:
     test_labels: np.ndarray
     classes: list[str]
     train_counts: list[int]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_images.shape[1:])
 
 
 def build_longtail(data_cfg) -> LongTailData:

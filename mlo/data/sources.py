@@ -25,16 +25,8 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path("~/.cache/needsgen").expanduser()
 
 
-@dataclass
-class ImageData:
-    """A source's balanced training pool and its untouched test split; or, where the source fixes
-    the long-tailed training set and the validation set itself, the two and their indices (``split``)."""
-    train_images: torch.Tensor | ImageFiles  # uint8 (N, C, H, W), or files
-    train_labels: np.ndarray                 # int64 (N,)
-    test_images: torch.Tensor | ImageFiles
-    test_labels: np.ndarray
-    classes: list[str]
-    split: Split | None = None  # None: the long tail is cut from the pool by build_longtail
+class ClassesAndShape:
+    """``num_classes`` and ``image_shape`` of a dataclass holding ``classes`` and ``train_images``."""
 
     @property
     def num_classes(self) -> int:
@@ -43,6 +35,18 @@ class ImageData:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
+
+
+@dataclass
+class ImageData(ClassesAndShape):
+    """A source's balanced training pool and its untouched test split; or, where the source fixes
+    the long-tailed training set and the validation set itself, the two and their indices (``split``)."""
+    train_images: torch.Tensor | ImageFiles  # uint8 (N, C, H, W), or files
+    train_labels: np.ndarray                 # int64 (N,)
+    test_images: torch.Tensor | ImageFiles
+    test_labels: np.ndarray
+    classes: list[str]
+    split: Split | None = None  # None: the long tail is cut from the pool by build_longtail
 
 
 SOURCES: dict[str, Callable[..., ImageData]] = {}
