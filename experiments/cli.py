@@ -352,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["bench"]:
             from experiments.bench.speed import main as bench_main
             return bench_main(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        # argparse takes one run of positionals; a config or overrides after the options are welcome too
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if any(a.startswith("-") for a in extra) or not hasattr(args, "items"):
+                parser.parse_args(argv)  # exits 2 naming the unrecognized arguments
+            args.items = args.items + extra
         return args.func(args)
     except UserError as exc:
         print(f"needsgen: error: {exc}", file=sys.stderr)

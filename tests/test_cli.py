@@ -105,6 +105,15 @@ def test_help_for_every_subcommand(command, capsys):
         assert "train.meta_every=8" in out and "digits_lt" in out
 
 
+@pytest.mark.parametrize("argv,stray", [(["run", "--modes", "x"], "--modes"),
+                                        (["eval", "RUN", "epochs=3"], "epochs=3")])
+def test_arguments_a_subcommand_does_not_take_are_refused(argv, stray, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
+
+
 def test_bench_times_both_modes(capsys):
     tiny = ["width=4", "gan_ch=4", "z_dim=8", "shared_dim=4", "batch_size=16", "meta_every=2", "device=cpu"]
     assert main(["bench", *tiny, "--iters", "2", "--warmup", "1"]) == 0
