@@ -101,11 +101,11 @@ class BuildContext:
 
     @cached_property
     def meta_block(self) -> MetaBlock:
-        return MetaBlock(self.feature_dim, STREAMS)
+        return MetaBlock(self.feature_dim, STREAMS, self.cfg.model.meta_activation)
 
     def own_neck(self, stream: str) -> MetaBlock | None:
         """Without a meta level every network owns an A-shaped block, so capacities match."""
-        return None if self.has_meta else MetaBlock(self.feature_dim, (stream,))
+        return None if self.has_meta else MetaBlock(self.feature_dim, (stream,), self.cfg.model.meta_activation)
 
     def classifier(self, stream: str) -> Classifier:
         encoder = self.w1_encoder if (self.cfg.model.encoders_tied or stream == "w1") else self.encoder()

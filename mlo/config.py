@@ -62,6 +62,9 @@ class ModelConfig:
     width: int = _f(32, "base width of the encoder (the small encoders only)", min=1)
     meta: str = _f("block", "shared meta-parameters A: block (trained on D_val) or none (ablation)",
                    choices=("block", "none"))
+    meta_activation: str = _f("relu", "activation inside A: relu (the paper's), or a smooth one (gelu, silu, tanh), "
+                                      "whose finite-difference hypergradients cross no kink",
+                              choices=("relu", "gelu", "silu", "tanh"))
     tie_encoders: bool | None = _f(None, "W1, W2 and H share one encoder (parameter tying); "
                                          "null: on for timm backbones, off for the small encoders")
     pretrained_path: str | None = _f(None, "local weights file for the encoder (a state_dict saved with "

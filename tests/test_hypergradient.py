@@ -73,9 +73,10 @@ def test_graph_has_the_five_paths():
     assert paths == FIVE_PATHS
 
 
-def test_meta_gradient_matches_exact_reference():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_meta_gradient_matches_exact_reference(seed):
     """Betty's darts hops at the default step, on smooth networks (see tests/smooth_models.py)."""
-    run = build_run(*SMOOTH, "train.meta_every=2")
+    run = build_run(*SMOOTH, "train.meta_every=2", f"run.seed={seed}")
     reports = run_and_compare(run, iterations=4)
     assert len(reports) == 2
     for cos, rel in reports:

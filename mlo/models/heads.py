@@ -6,16 +6,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
 class MetaBlock(nn.Module):
-    """A: ``Linear–BN–ReLU–Linear`` (feature → feature), shared by W1, W2 and the discriminator H.
+    """A: ``Linear–BN–activation–Linear`` (feature → feature), shared by W1, W2 and the discriminator H.
 
     The BN affine weights belong to A; the running statistics are kept per *stream* (one per
     network that reads features through A), because each encoder has its own feature
-    distribution and mixing them would corrupt evaluation-mode statistics.
+    distribution and mixing them would corrupt evaluation-mode statistics. The activation is
+    ReLU as in the paper; a smooth one keeps the finite-difference hypergradients off ReLU's kink.
     """
 
-    def __init__(self, dim: int, streams: tuple[str, ...]):
+    def __init__(self, dim: int, streams: tuple[str, ...], activation: str = "relu"):
         super().__init__()
+        self.activation = ACTIVATIONS[activation]
         self.fc1 = nn.Linear(dim, dim, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(dim))
         self.norm_bias = nn.Parameter(torch.zeros(dim))
@@ -24,7 +29,7 @@ class MetaBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, stream: str) -> torch.Tensor:
         h = self.norms[stream](self.fc1(h)) * self.norm_weight + self.norm_bias
-        return self.fc2(F.relu(h))
+        return self.fc2(self.activation(h))
 
 
 class Classifier(nn.Module):
