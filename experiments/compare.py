@@ -97,7 +97,7 @@ def run_variant(config_path: Path | None, overrides: list[str], variant: Variant
     return Run(cfg).execute(run_dir)
 
 
-def _mean_std(values: list[float], scale: float) -> str:
+def mean_std(values: list[float], scale: float) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
@@ -197,7 +197,7 @@ def write_outputs(root: Path, variants: list[Variant], seeds: list[int], results
     summary = summarize(variants, seeds, results)
     rho = allocation_correlations(variants, results)
     header = ["Method"] + [title for _, title, _ in METRIC_COLUMNS] + ["seeds"]
-    table = [[row["variant"]] + [_mean_std(row[key], scale) for key, _, scale in METRIC_COLUMNS] + [str(row["seeds"])]
+    table = [[row["variant"]] + [mean_std(row[key], scale) for key, _, scale in METRIC_COLUMNS] + [str(row["seeds"])]
              for row in summary["rows"]]
     test_rows = []
     for t in summary["tests"]:

@@ -26,8 +26,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 PARTS = ("main", "extras", "generators", "small-data")
 MAIN_MODES = "vanilla,sequential,end2end,end2end:allocator=equal,end2end:allocator=reciprocal"
 EXTRA_MODES = "vanilla,sequential,end2end,separate,mtl,end2end:allocator=worstk"
@@ -42,11 +40,6 @@ PUBLISHED_SMALL_DATA = {500: {"baseline CNN": 77.5, "WAC-GAN-GPT": 79.8},
                         2500: {"baseline CNN": 83.5, "WAC-GAN-GPT": 86.0}}
 
 
-def _pct(values: list[float]) -> str:
-    a = 100 * np.asarray(values, dtype=float)
-    return f"{a.mean():.2f}" if len(a) == 1 else f"{a.mean():.2f} ± {a.std(ddof=1):.2f}"
-
-
 def _p_value(summary: dict, variant: str, against: str) -> str:
     for t in summary["tests"]:
         if t["variant"] == variant and t["against"] == against:
@@ -56,6 +49,7 @@ def _p_value(summary: dict, variant: str, against: str) -> str:
 
 def result_table(summary: dict, published: dict[str, float], extra: dict[str, str] | None = None) -> str:
     """Our rows (top-1, Many/Medium/Few, p against vanilla and sequential), then the published ones."""
+    from experiments.compare import mean_std
     from mlo.report import markdown_table
 
     header = ["variant", "seeds", "Top-1 %", "Many %", "Medium %", "Few %", "p vs vanilla", "p vs sequential"]
@@ -63,7 +57,7 @@ def result_table(summary: dict, published: dict[str, float], extra: dict[str, st
         header.append("FID (W1 features)")
     rows = []
     for row in summary["rows"]:
-        cells = [row["variant"], str(row["seeds"]), *(_pct(row[k]) for k in ("top1", "many", "medium", "few")),
+        cells = [row["variant"], str(row["seeds"]), *(mean_std(row[k], 100) for k in ("top1", "many", "medium", "few")),
                  _p_value(summary, row["variant"], "vanilla"), _p_value(summary, row["variant"], "sequential")]
         rows.append(cells + ([extra.get(row["variant"], "-")] if extra is not None else []))
     for name, top1 in published.items():
