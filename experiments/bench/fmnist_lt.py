@@ -17,8 +17,9 @@ has run it only prints):
   ``small500``, ``small2500``).
 
 The IF-100 parts share ``fmnist_if100`` so that seed-0 runs are trained once; its ``compare.md``
-is the one of the last part run (``main`` runs last). Prints one table per part, with the
-published reference points, and writes them to ``<out_dir>/fmnist_lt_protocol.md``.
+is the one of the last part run (``main`` runs after ``extras`` and ``generators``). Prints one
+table per part, with the published reference points, and writes them to
+``<out_dir>/fmnist_lt_protocol.md``.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     long_tail, small_data = resolve_config_path("fmnist_lt_cpu"), resolve_config_path("fmnist_small_data")
     out_dir = Path(load_config(long_tail, args.overrides).run.out_dir).expanduser()
     overrides = ["run.progress=false", *args.overrides]
-    sections = []
+    sections: dict[str, list[tuple[str, str]]] = {part: [] for part in PARTS}  # printed in PARTS order
 
     def lt_compare(imbalance: int, modes: str, part_seeds: list[int]) -> dict:
         return compare(long_tail, [*overrides, f"data.imbalance_factor={imbalance}"], parse_variants(modes),
@@ -111,26 +112,27 @@ def main(argv: list[str] | None = None) -> int:
 
     if "extras" in parts:
         summary = lt_compare(100, EXTRA_MODES, seeds[:1])
-        sections.append(("Fashion-MNIST-LT, IF 100: the other modes and worstk (seed %d)" % seeds[0],
+        sections["extras"].append(("Fashion-MNIST-LT, IF 100: the other modes and worstk (seed %d)" % seeds[0],
                          result_table(summary, PUBLISHED_LONG_TAIL[100])))
     if "generators" in parts:
         summary = lt_compare(100, GENERATOR_MODES, seeds[:1])
         fids = {v.label: f"{generator_fid(out_dir / 'fmnist_if100' / f'{v.folder}-seed{seeds[0]}', seeds[0]):.1f}"
                 for v in parse_variants(GENERATOR_MODES)}
-        sections.append(("Fashion-MNIST-LT, IF 100: generators inside end2end (seed %d)" % seeds[0],
+        sections["generators"].append(("Fashion-MNIST-LT, IF 100: generators inside end2end (seed %d)" % seeds[0],
                          result_table(summary, PUBLISHED_LONG_TAIL[100], extra=fids)))
     if "main" in parts:
         for imbalance in (100, 20):
             summary = lt_compare(imbalance, MAIN_MODES, seeds)
-            sections.append((f"Fashion-MNIST-LT, IF {imbalance}", result_table(summary, PUBLISHED_LONG_TAIL[imbalance])))
+            sections["main"].append((f"Fashion-MNIST-LT, IF {imbalance}",
+                                     result_table(summary, PUBLISHED_LONG_TAIL[imbalance])))
     if "small-data" in parts:
         for images, n_max in ((500, 50), (2500, 250)):
             summary = compare(small_data, [*overrides, f"data.n_max={n_max}"], parse_variants(SMALL_DATA_MODES),
                               seeds, out_dir / f"small{images}")
-            sections.append((f"Fashion-MNIST, {images:,} balanced training images",
+            sections["small-data"].append((f"Fashion-MNIST, {images:,} balanced training images",
                              result_table(summary, PUBLISHED_SMALL_DATA[images])))
 
-    text = "\n\n".join(f"## {title}\n\n{table}" for title, table in sections) + "\n"
+    text = "\n\n".join(f"## {title}\n\n{table}" for part in PARTS for title, table in sections[part]) + "\n"
     (out_dir / "fmnist_lt_protocol.md").write_text(text)
     print(text)
     print(f"written to {out_dir / 'fmnist_lt_protocol.md'}", file=sys.stderr)
