@@ -163,15 +163,23 @@ def plot_per_class(path: Path, variants: list[Variant], results: dict[str, list[
     plt.close(fig)
 
 
+def pooled_allocation(runs: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    """W1's validation accuracy and the generated images of every class, all seeds pooled; None
+    for a variant that generates nothing."""
+    runs = [r for r in runs if "generated_per_class" in r]
+    if not runs:
+        return None
+    return (np.concatenate([r["w1_val_acc_per_class"] for r in runs]),
+            np.concatenate([r["generated_per_class"] for r in runs]))
+
+
 def allocation_correlations(variants: list[Variant], results: dict[str, list[dict]]) -> dict[str, float]:
     """Spearman correlation of generated images per class with W1's validation accuracy, per variant
     (all seeds pooled); the paper's inverse relation is a negative value."""
     out = {}
     for v in variants:
-        runs = [r for r in results[v.label] if "generated_per_class" in r]
-        if runs:
-            acc = np.concatenate([r["w1_val_acc_per_class"] for r in runs])
-            gen = np.concatenate([r["generated_per_class"] for r in runs])
+        if (pooled := pooled_allocation(results[v.label])) is not None:
+            acc, gen = pooled
             out[v.label] = float(stats.spearmanr(acc, gen).statistic) if np.ptp(acc) and np.ptp(gen) else float("nan")
     return out
 
@@ -180,11 +188,9 @@ def plot_allocation(path: Path, variants: list[Variant], results: dict[str, list
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for v in variants:
-        runs = [r for r in results[v.label] if "generated_per_class" in r]
-        if runs:
-            acc = 100 * np.concatenate([r["w1_val_acc_per_class"] for r in runs])
-            gen = np.concatenate([r["generated_per_class"] for r in runs])
-            ax.scatter(acc, gen, alpha=0.7, label=f"{v.label} (Spearman ρ = {rho[v.label]:.2f})")
+        if (pooled := pooled_allocation(results[v.label])) is not None:
+            acc, gen = pooled
+            ax.scatter(100 * acc, gen, alpha=0.7, label=f"{v.label} (Spearman ρ = {rho[v.label]:.2f})")
     ax.set_xlabel("W1 validation accuracy of the class %")
     ax.set_ylabel("generated images of the class")
     ax.legend(fontsize=7)
