@@ -18,7 +18,6 @@ from mlo.checkpoint import atomic_write
 from mlo.data.loaders import derive_seed, make_loader, to_uint8
 from mlo.errors import UserError
 from mlo.gan_metrics import EMBED_BATCH, classifier_extractor, compare_sets, gan_train_test, inception_extractor
-from mlo.models import Classifier
 from mlo.models.gan.sampling import generate
 from mlo.report import save_sample_grid
 
@@ -94,7 +93,7 @@ def measure(run, *, n: int | None, seed: int, truncation: float | None, inceptio
         d, t = run.data, run.cfg.train
         result["gan_train_test"] = {
             "epochs": gan_train_epochs, "generated_set": "the one made for the test reference",
-            **gan_train_test(lambda: Classifier(run.ctx.encoder(), d.num_classes, "w1"),
+            **gan_train_test(lambda: run.ctx.classifier("w1", standalone=True),
                              (d.train_images, d.train_labels), (d.test_images, d.test_labels), generated["test"],
                              epochs=gan_train_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed, device=run.device),
         }

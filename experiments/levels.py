@@ -18,7 +18,7 @@ from mlo.data.loaders import derive_seed, make_loader
 from mlo.distributed import Processes
 from mlo.errors import ConfigError
 from mlo.losses import ClassificationLoss, create_loss
-from mlo.models import Classifier, MetaBlock, create_model
+from mlo.models import Classifier, create_meta, create_model, has_batch_norm
 from mlo.models.heads import WeightingNet
 from mlo.models.encoders import load_encoder_weights
 from mlo.models.gan import GAN
@@ -27,13 +27,13 @@ from mlo.models.gan.losses import ADVERSARIAL_LOSSES, GANObjective
 from mlo.models.gan.sampling import LearnedTruncation
 from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem,
                       DiscriminatorProblem, GeneratorProblem, MetaProblem, RefinedClassifierProblem,
-                      TruncationProblem, level_config)
+                      RetrainedHeadProblem, TruncationProblem, level_config)
 from problems.multitask import MultiTaskGeneratorProblem
 from problems.mwn import MetaWeightedClassifierProblem, WeightingNetProblem
 from problems.sequential import PregeneratedClassifierProblem
 from experiments.modes import Mode
 
-STREAMS = ("w1", "w2", "disc")  # networks that read features through A
+STREAMS = ("w1", "w2", "disc")  # networks that read A (a neck-form A keeps BN statistics per stream)
 
 
 @dataclass
@@ -99,24 +99,41 @@ class BuildContext:
     def has_meta(self) -> bool:
         return "meta" in self.mode.levels
 
+    @property
+    def meta_form(self) -> str:
+        """The shape of A (and of the A-shaped modules networks own without a meta level): head or neck."""
+        return "neck" if self.cfg.model.meta == "neck" else "head"
+
+    def create_meta(self, streams: tuple[str, ...]) -> nn.Module:
+        return create_meta(self.meta_form, self.feature_dim, self.num_classes, streams, self.cfg.model.meta_activation)
+
     @cached_property
-    def meta_block(self) -> MetaBlock:
-        return MetaBlock(self.feature_dim, STREAMS, self.cfg.model.meta_activation)
+    def meta_module(self) -> nn.Module:
+        """A, shared by W1, W2 and H."""
+        return self.create_meta(STREAMS)
 
-    def own_neck(self, stream: str) -> MetaBlock | None:
-        """Without a meta level every network owns an A-shaped block, so capacities match."""
-        return None if self.has_meta else MetaBlock(self.feature_dim, (stream,), self.cfg.model.meta_activation)
+    def own_meta(self, stream: str) -> nn.Module | None:
+        """Without a meta level every network owns an A-shaped module, so capacities match."""
+        return None if self.has_meta else self.create_meta((stream,))
 
-    def classifier(self, stream: str) -> Classifier:
-        encoder = self.w1_encoder if (self.cfg.model.encoders_tied or stream == "w1") else self.encoder()
-        return Classifier(encoder, self.num_classes, stream, neck=self.own_neck(stream))
+    def classifier(self, stream: str, standalone: bool = False) -> Classifier:
+        """The classifier of level ``stream``; ``standalone``: a fresh one of the same architecture with a
+        head of its own, outside the run (e.g. GAN-train's classifier)."""
+        if standalone:
+            encoder, meta = self.encoder(), self.create_meta((stream,))
+        else:
+            encoder = self.w1_encoder if (self.cfg.model.encoders_tied or stream == "w1") else self.encoder()
+            meta = self.own_meta(stream)
+        own_head = nn.Linear(self.feature_dim, self.num_classes) if self.meta_form == "neck" else None
+        return Classifier(encoder, stream, meta=meta, own_head=own_head)
 
     @cached_property
     def gan(self) -> GAN:
         g = self.cfg.gan
         tied = self.w1_encoder if self.cfg.model.encoders_tied else None
         gan = create_model("gan", g.generator, image_shape=self.data.image_shape, num_classes=self.num_classes,
-                           feature_dim=self.feature_dim, cfg=g, encoder=tied, neck=self.own_neck("disc"))
+                           feature_dim=self.feature_dim, cfg=g, encoder=tied, meta=self.own_meta("disc"),
+                           owns_class_head=self.meta_form == "neck")
         if g.gp_weight != GANConfig().gp_weight and gan.objective.gp_weight != g.gp_weight:
             raise ConfigError(f"gan.gp_weight: gan.generator={g.generator} has no gradient penalty; drop it")
         return gan
@@ -169,19 +186,20 @@ class BuildContext:
                               f"processes; choose a size that makes them a multiple of {n}")
         return loader
 
-    def train_loader(self, key: int, batch_size: int | None = None):
+    def train_loader(self, key: int, batch_size: int | None = None, order: str = "shuffle"):
         d, p = self.data, self.processes
-        return self.shared(make_loader("shuffle", d.train_images, d.train_labels, batch_size or self.cfg.train.batch_size,
+        return self.shared(make_loader(order, d.train_images, d.train_labels, batch_size or self.cfg.train.batch_size,
                                        seed=self.seed(key), augment=self.cfg.data.augment, device=self.device,
                                        workers=self.cfg.data.num_workers, rank=p.rank, world_size=p.world_size,
                                        channels_last=self.cfg.run.channels_last),
                            "train.batch_size")
 
-    def val_loader(self, key: int):
+    def val_loader(self, key: int, with_indices: bool = False):
         d, p = self.data, self.processes
         return self.shared(make_loader("balanced", d.val_images, d.val_labels, self.cfg.data.val_batch_size,
                                        seed=self.seed(key), device=self.device, workers=self.cfg.data.num_workers,
-                                       rank=p.rank, world_size=p.world_size, channels_last=self.cfg.run.channels_last),
+                                       rank=p.rank, world_size=p.world_size, channels_last=self.cfg.run.channels_last,
+                                       with_indices=with_indices),
                            "data.val_batch_size")
 
 
@@ -198,7 +216,7 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
     optimizer = ctx.classifier_optimizer(module)
     return RefinedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader(2), ctx.val_loader(3)), allocator=ctx.allocator,
+        (ctx.train_loader(2), ctx.val_loader(3, with_indices=True)), allocator=ctx.allocator, keep_form=t.keep_weights,
         train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
         truncation=None if ctx.cfg.gan.learn_truncation else ctx.cfg.gan.truncation,
@@ -215,13 +233,24 @@ def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
         gen_per_step=ctx.gen_per_step, **ctx.classifier_settings("w2"))
 
 
+def build_crt(ctx: BuildContext) -> RetrainedHeadProblem:
+    """cRT: W1's encoder (frozen) under a fresh A-shaped head, trained with class-balanced sampling."""
+    own_head = nn.Linear(ctx.feature_dim, ctx.num_classes) if ctx.meta_form == "neck" else None
+    module = Classifier(ctx.w1_encoder, "w2", meta=ctx.create_meta(("w2",)), own_head=own_head)
+    head = [p for name, p in module.named_parameters() if not name.startswith("encoder.")]
+    optimizer = ctx.classifier_optimizer(nn.ParameterList(head))
+    return RetrainedHeadProblem("w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
+                                ctx.train_loader(9, order="class_balanced"), **ctx.classifier_settings("w2"))
+
+
 def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> DiscriminatorProblem:
     objective = objective or ctx.gan.objective
     if objective.gp_weight and ctx.cfg.train.hypergradient == "exact" and any(
-            "disc" in lowers for lowers in ctx.mode.u2l.values()):
+            "disc" in lowers for lowers in ctx.mode.u2l.values()) and has_batch_norm(
+            ctx.gan.discriminator, ctx.meta_module):
         raise ConfigError(f"train.hypergradient=exact: the exact hop through H would differentiate the gradient "
                           f"penalty of gan.generator={ctx.cfg.gan.generator} three times, and torch has no third "
-                          f"derivative of the batch norm in A; use train.hypergradient=darts")
+                          f"derivative of batch norm (in A's neck or the tied encoder); use train.hypergradient=darts")
     g, batch = ctx.cfg.gan, ctx.cfg.train.batch_size
     module = ctx.gan.discriminator
     return DiscriminatorProblem(
@@ -249,7 +278,7 @@ def build_gen_mtl(ctx: BuildContext) -> MultiTaskGeneratorProblem:
     module = ctx.gan.generator
     return MultiTaskGeneratorProblem(
         "gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
-        train_data_loader=ctx.val_loader(7), classifier_weight=ctx.cfg.train.mtl_weight, **_generator_settings(ctx))
+        train_data_loader=ctx.val_loader(7, with_indices=True), classifier_weight=ctx.cfg.train.mtl_weight, **_generator_settings(ctx))
 
 
 def build_trunc(ctx: BuildContext) -> TruncationProblem:
@@ -261,7 +290,7 @@ def build_trunc(ctx: BuildContext) -> TruncationProblem:
 
 
 def build_meta(ctx: BuildContext) -> MetaProblem:
-    module = ctx.meta_block
+    module = ctx.meta_module
     optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.meta_lr, fused=True)
     return MetaProblem("meta", ctx.level_config("meta", retain_graph=True), module, optimizer,
                        train_data_loader=ctx.val_loader(5), gamma=ctx.cfg.train.gamma, **ctx.common("meta"))
@@ -311,7 +340,7 @@ def build_mwn(ctx: BuildContext) -> WeightingNetProblem:
                                train_data_loader=ctx.val_loader(8), **ctx.common("mwn"))
 
 
-LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "w2_pregenerated": build_w2_pregenerated, "disc": build_disc,
+LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "crt": build_crt, "w2_pregenerated": build_w2_pregenerated, "disc": build_disc,
                   "gen": build_gen, "gen_mtl": build_gen_mtl, "meta": build_meta, "w1_mwn": build_w1_mwn,
                   "mwn": build_mwn, "trunc": build_trunc, "adversarial_classifier": build_adversarial_classifier,
                   "adversarial_critic": build_adversarial_critic, "adversarial_generator": build_adversarial_generator}

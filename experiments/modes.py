@@ -97,6 +97,16 @@ MODES: dict[str, Mode] = {
         levels=("w1",),
         phases=("joint",),
     ),
+    "vanilla_meta": Mode(
+        name="vanilla_meta",
+        description="vanilla with A: the classifier's encoder on the long-tailed training set, its head A "
+                    "learned on the validation set through the hypergradient; no generation",
+        levels=("w1", "meta"),
+        phases=("joint",),
+        u2l={"meta": ("w1",)},
+        l2u={"w1": ("meta",)},
+        every_meta=("w1",),
+    ),
     "adversarial": Mode(
         name="adversarial",
         description="worst-case generation: min_G max_{D,C} lambda (E_real D - E_gen D) - E_gen loss(C(x), y); "
@@ -122,6 +132,17 @@ META_WEIGHT_NET = Mode(
 )
 
 
+# train.posthoc=crt adds to vanilla the re-trained head (cRT), reported as the final classifier
+CLASSIFIER_RETRAINING = Mode(
+    name="vanilla",
+    description="one classifier on the long-tailed training set, then its head re-trained on its frozen encoder "
+                "with class-balanced sampling (cRT)",
+    levels=("w1", "w2"),
+    phases=("w1", "crt"),
+    kinds={"w2": "crt"},
+)
+
+
 # kinds of W2 whose loss takes the DeCov penalty of its features of the images it generates as it trains
 DECOV_KINDS = ("w2", "adversarial_classifier")
 
@@ -137,6 +158,22 @@ def resolve_mode(cfg) -> Mode:
             raise ConfigError(f"train.loss=mwn is Meta-Weight-Net, a baseline of train.mode=vanilla "
                               f"(this is {t.mode}); use another loss here")
         mode = META_WEIGHT_NET
+    if t.posthoc != "none":
+        if t.mode != "vanilla" or t.loss == "mwn":
+            raise ConfigError(f"train.posthoc={t.posthoc} corrects a plain classifier: it applies to train.mode=vanilla "
+                              f"without Meta-Weight-Net (this is {t.mode}, loss {t.loss}); drop it")
+        if t.posthoc == "crt":
+            mode = CLASSIFIER_RETRAINING
+    for key, posthoc in (("posthoc_tau", "logit_adjust"), ("crt_epochs", "crt")):
+        if getattr(t, key) != getattr(type(t)(), key) and t.posthoc != posthoc:
+            raise ConfigError(f"train.{key} applies to train.posthoc={posthoc} only; drop it")
+    if cfg.run.compile != "none" and t.hypergradient == "exact" and mode.u2l:
+        raise ConfigError(f"run.compile={cfg.run.compile}: train.hypergradient=exact differentiates the levels' "
+                          f"steps twice, which torch.compile does not support; use train.hypergradient=darts or "
+                          f"run.compile=none")
+    if not mode.generates and t.keep_weights != "relaxed":
+        raise ConfigError(f"train.keep_weights={t.keep_weights} weighs generated images, and train.mode={t.mode} "
+                          f"generates none; drop it")
     if m.meta == "none" and "meta" in mode.levels:
         mode = mode.without("meta")
     if not mode.generates and t.allocator != "needs":

@@ -26,6 +26,7 @@ def build_phases(run) -> list[Phase]:
         "gan": lambda: Phase("GAN", total, leaves=["disc"]),
         "joint": lambda: Phase(mode.name, total, epoch_length=epoch),
         "w1": lambda: Phase("W1", total, leaves=["w1"], epoch_length=epoch),
+        "crt": lambda: Phase("cRT", cfg.train.crt_epochs * epoch, leaves=["w2"], epoch_length=epoch),
         "w2_pregenerated": lambda: Phase("W2", total, leaves=["w2"], epoch_length=epoch, setup=lambda: pregenerate(run)),
         "mlo_frozen_gan": lambda: Phase("W1, W2, A (GAN frozen)", total, leaves=["w1"], epoch_length=epoch),
     }

@@ -119,9 +119,20 @@ class Run:
         return {n: self.levels[n] for n in ("w1", "w2") if n in self.levels}
 
     @torch.no_grad()
-    def accuracy(self, problem, images, labels) -> np.ndarray:
+    def predict(self, problem, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (on the CPU) and labels of ``problem`` on a whole image set; with
+        ``train.posthoc=logit_adjust``, the logits minus ``τ · log prior`` (Menon et al.'s post-hoc
+        adjustment, applied wherever the classifier is evaluated)."""
         batches = make_loader("sequential", images, labels, EVAL_BATCH, device=self.device, workers=self.cfg.data.num_workers)
         logits, y = predict(problem, batches)
+        t = self.cfg.train
+        if t.posthoc == "logit_adjust":
+            prior = torch.as_tensor(self.data.train_counts, dtype=logits.dtype)
+            logits = logits - t.posthoc_tau * torch.log(prior / prior.sum())
+        return logits, y
+
+    def accuracy(self, problem, images, labels) -> np.ndarray:
+        logits, y = self.predict(problem, images, labels)
         return per_class_accuracy(logits, y, self.data.num_classes)
 
     def share_statistics(self) -> None:
@@ -260,9 +271,7 @@ class Run:
         self.engine.eval()
         test = {}
         for name, problem in self.classifiers().items():
-            batches = make_loader("sequential", self.data.test_images, self.data.test_labels, EVAL_BATCH,
-                                  device=self.device, workers=self.cfg.data.num_workers)
-            logits, y = predict(problem, batches)
+            logits, y = self.predict(problem, self.data.test_images, self.data.test_labels)
             test[name] = classification_metrics(logits, y, self.data.train_counts)
         final = "w2" if "w2" in test else "w1"
         iterations = self.ctx.total_steps

@@ -28,11 +28,10 @@ Several processes (torchrun)
     module, but here a level's gradient also comes from ``autograd.grad`` (an upper level's direct
     gradient, the ``exact`` hops, which would never be averaged), modules run forward many times per
     iteration inside other levels' steps and hops, and tied encoders are parameters of three levels
-    (DDP stops with "Expected to mark a variable ready only once"). Each hop also averages its input
-    vector first, so that with equal shares of every batch a step of N processes computes what one
-    process computes on the concatenated batches (up to batch statistics such as BatchNorm's),
-    and Betty's darts, which restores the lower level's weights by adding ±εv back (an ulp of
-    rounding per hop), leaves the same rounding in every process.
+    (DDP stops with "Expected to mark a variable ready only once"). Each hypergradient hop
+    (``mlo.hypergradient``) also averages its input vector first, so that with equal shares of every
+    batch a step of N processes computes what one process computes on the concatenated batches (up
+    to batch statistics such as BatchNorm's).
 
 Host syncs
     Betty's ``get_loss`` reads the loss with ``.item()`` every step; here the loss dict holds a
@@ -50,13 +49,11 @@ import logging
 import torch
 import torch.distributed as dist
 from betty.engine import Engine
-from betty.hypergradient import jvp_fn_mapping
-from betty.hypergradient.darts import darts
 from betty.logging.logger_base import get_logger
 from betty.problems import ImplicitProblem
 from betty.utils import get_dtype
 
-from mlo.distributed import Processes, active, average_, broadcast_
+from mlo.distributed import Processes, average_, broadcast_
 
 get_logger().setLevel(logging.WARNING)  # Betty sets INFO when it first creates its logger
 
@@ -71,21 +68,6 @@ def autocast(device, precision: str):
     if precision == "fp32":
         return torch.autocast(device_type=device_type(device), enabled=False)
     return torch.autocast(device_type=device_type(device), dtype=get_dtype(precision))
-
-
-def register_hop(name: str, hop) -> None:
-    """Make ``hop`` the hypergradient hop type ``name`` (a problem's ``Config.type``) in Betty's
-    table; under several processes its input vector is averaged over them first."""
-    def averaged_input(vector, curr, prev, sync):
-        if active():
-            vector = [v.clone() for v in vector]
-            average_(vector)
-        return hop(vector, curr, prev, sync)
-
-    jvp_fn_mapping[name] = averaged_input
-
-
-register_hop("darts", darts)
 
 
 def compile_modules(problems, backend: str) -> None:

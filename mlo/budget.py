@@ -1,12 +1,15 @@
 """Class needs → allocation p(s) → class samples and relaxed keep-weights b_m.
 
-- ``per_class_val_loss``: mean validation loss ``l_c`` per class (differentiable in W1 and A).
+- ``per_class_val_loss``: mean validation loss ``l_c`` per class (differentiable in W1 and A), over
+  the batch and, with a ``ValidationMemory``, over the rest of the validation set as last seen.
 - Allocators turn class statistics into ``p(s=c)``; ``needs`` is the method (``p ∝ l_c``); each
   also sets the budget M of generated images per epoch.
 - ``sample_classes``: ``o_m ~ p(s)`` by Gumbel-max from uniforms drawn beforehand.
 - ``keep_weights``: ``b_m = σ((log p(o_m) − log(1 − p(o_m)) + g1 − g2) / T)``, the binary
   Gumbel-softmax relaxation of keeping sample m with probability ``p(o_m)``; ``g1 − g2`` is
-  logistic noise, drawn beforehand too.
+  logistic noise, drawn beforehand too. The paper's form keeps a class's images with probability
+  about p, so a class gets about ``M p²`` of them (``Σ b ≈ M Σ p²``); ``straight_through`` keeps the
+  forward value hard (0 or 1) and the relaxed gradient.
 - ``temperature``: exponential anneal from ``T0`` to ``T1``.
 
 All noise is an argument, so these are pure functions (finite-difference hops depend on it).
@@ -29,19 +32,66 @@ class ClassStats:
     val_loss: torch.Tensor      # (C,)
     val_acc: torch.Tensor       # (C,)
     train_counts: torch.Tensor  # (C,)
+    batch_losses: torch.Tensor | None = None   # per image of this process's validation batch (detached)
+    batch_correct: torch.Tensor | None = None
 
 
-def per_class_val_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> ClassStats:
-    """Mean cross-entropy and accuracy per class on a (class-balanced) validation batch; under
-    several processes, of the batch all of them hold a share of, so every process gets the same
+class ValidationMemory:
+    """W1's last loss and correctness on every validation image, so that the per-class statistics
+    behind p(s) cover the whole validation set, not one batch: the batch's terms are differentiable
+    (fresh), the other images' are the values W1 had when they were last in a batch (for a fixed W1,
+    after one pass, exactly the full-set statistics). Updated between steps (``update``), never by a
+    hop, so a step and its hypergradient hops see the same memory. Under several processes every
+    process keeps the whole memory: the batch's values are summed over the processes' shares."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int):
+        self.labels = labels
+        self.num_classes = num_classes
+        self.values = torch.zeros(2, len(labels), device=labels.device)  # (loss, correct) per image
+        self.seen = torch.zeros(len(labels), device=labels.device)
+
+    def _global(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A mask of the images in the batch (every process's share) and, given, their values."""
+        mask = torch.zeros_like(self.seen).index_fill_(0, indices, 1.0)
+        scattered = None if values is None else torch.zeros_like(self.values).index_copy_(1, indices, values)
+        return (all_reduce_sum(mask), None if scattered is None else all_reduce_sum(scattered))
+
+    def class_sums(self, indices: torch.Tensor) -> torch.Tensor:
+        """(loss sum, count, hits) per class over the remembered images outside the batch ``indices``."""
+        mask, _ = self._global(indices)
+        keep = self.seen * (1.0 - mask)
+        rows = torch.stack([self.values[0] * keep, keep, self.values[1] * keep])
+        return torch.zeros(3, self.num_classes, device=keep.device).index_add_(1, self.labels, rows)
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, losses: torch.Tensor, correct: torch.Tensor) -> None:
+        mask, values = self._global(indices, torch.stack([losses.float(), correct.float()]))
+        self.values = torch.where(mask.bool(), values, self.values)
+        self.seen = torch.maximum(self.seen, mask)
+
+    def state_dict(self) -> dict:
+        return {"values": self.values, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values, self.seen = state["values"].to(self.seen.device), state["seen"].to(self.seen.device)
+
+
+def per_class_val_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                       memory: ValidationMemory | None = None, indices: torch.Tensor | None = None) -> ClassStats:
+    """Mean cross-entropy and accuracy per class on a (class-balanced) validation batch, and with a
+    ``memory``, on the remembered rest of the validation set (``indices``: the batch's images in it).
+    Under several processes, of the batch all of them hold a share of, so every process gets the same
     statistics. Differentiable in the logits, also across processes; no host sync."""
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
     correct = (logits.argmax(1) == labels).to(losses.dtype)
     per_class = torch.zeros(3, num_classes, device=logits.device, dtype=losses.dtype)
-    sums = per_class.index_add(1, labels, torch.stack([losses, torch.ones_like(losses), correct]))
-    loss_sum, count, hits = all_reduce_sum(sums).unbind()
+    sums = all_reduce_sum(per_class.index_add(1, labels, torch.stack([losses, torch.ones_like(losses), correct])))
+    if memory is not None:
+        sums = sums + memory.class_sums(indices)
+    loss_sum, count, hits = sums.unbind()
     count = count.clamp(min=1)
-    return ClassStats(val_loss=loss_sum / count, val_acc=hits / count, train_counts=torch.zeros_like(count))
+    return ClassStats(val_loss=loss_sum / count, val_acc=hits / count, train_counts=torch.zeros_like(count),
+                      batch_losses=losses.detach(), batch_correct=correct)
 
 
 class Allocator:
@@ -149,10 +199,18 @@ def sample_classes(p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.argmax(torch.log(p.detach().clamp(min=1e-30))[None, :] + gumbel, dim=1)
 
 
-def keep_weights(p_o: torch.Tensor, logistic: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
-    """Relaxed Bernoulli(p_o): ``P(b > 1/2) = p_o`` at any temperature; ``b → {0, 1}`` as T → 0."""
+KEEP_FORMS = ("relaxed", "straight_through")
+
+
+def keep_weights(p_o: torch.Tensor, logistic: torch.Tensor, temperature: float | torch.Tensor,
+                 form: str = "relaxed") -> torch.Tensor:
+    """Relaxed Bernoulli(p_o): ``P(b > 1/2) = p_o`` at any temperature; ``b → {0, 1}`` as T → 0.
+    ``straight_through``: the forward value is ``b > 1/2`` (0 or 1), the gradient the relaxed one's."""
     p = p_o.clamp(_EPS, 1 - _EPS)
-    return torch.sigmoid((torch.log(p) - torch.log1p(-p) + logistic) / temperature)
+    relaxed = torch.sigmoid((torch.log(p) - torch.log1p(-p) + logistic) / temperature)
+    if form == "straight_through":
+        return (relaxed > 0.5).to(relaxed.dtype) + relaxed - relaxed.detach()
+    return relaxed
 
 
 def temperature(progress: float, start: float, end: float) -> float:

@@ -60,8 +60,10 @@ class ModelConfig:
     encoder: str = _f("small_cnn", "classifier encoder: a registered name (small_cnn, resnet32) or "
                                    "timm:<name> for any timm model (timm:resnet50, timm:vit_base_patch16_224)")
     width: int = _f(32, "base width of the encoder (the small encoders only)", min=1)
-    meta: str = _f("block", "shared meta-parameters A: block (trained on D_val) or none (ablation)",
-                   choices=("block", "none"))
+    meta: str = _f("head", "shared meta-parameters A, learned on D_val: head (the paper's: the last two layers, "
+                           "Linear-activation-Linear(d, C), making the logits of W1 and W2), neck (ablation: a "
+                           "Linear-BN-activation-Linear block before heads each network trains on D_tr), or none "
+                           "(no meta level: each network owns an A-shaped head)", choices=("head", "neck", "none"))
     meta_activation: str = _f("relu", "activation inside A: relu (the paper's), or a smooth one (gelu, silu, tanh), "
                                       "whose finite-difference hypergradients cross no kink",
                               choices=("relu", "gelu", "silu", "tanh"))
@@ -127,9 +129,14 @@ class TrainConfig:
     meta_every: int = _f(8, "G and A are updated every this many iterations", min=1)
     lambda_gen: float = _f(1.0, "weight of the generated-image loss in W2's objective (lambda)", min=0.0)
     gamma: float = _f(1.0, "weight of W1's validation loss in A's objective (gamma)", min=0.0)
-    hypergradient: str = _f("darts", "hypergradient hops: darts (finite differences) or exact (double backward)",
-                            choices=("darts", "exact"))
-    darts_alpha: float = _f(0.001, "finite-difference step of the darts hops, in parameter norm", min=0.0)
+    hypergradient: str = _f("exact", "hypergradient hops, each scaled by the step size of the level it "
+                                     "differentiates through: darts (the paper's finite differences), exact (double "
+                                     "backward), or first_order (no hops: the upper levels' direct gradients only)",
+                            choices=("darts", "exact", "first_order"))
+    darts_alpha: float = _f(1e-4, "finite-difference step of the darts hops, in parameter norm", min=0.0)
+    keep_weights: str = _f("relaxed", "W2's weights b_m of generated images: relaxed (the paper's binary Gumbel-softmax, "
+                                      "so a class keeps about M p^2 images) or straight_through (0 or 1 forward, the "
+                                      "relaxed gradient)", choices=("relaxed", "straight_through"))
     temperature_start: float = _f(1.0, "Gumbel-softmax temperature at the start", min=1e-6)
     temperature_end: float = _f(0.1, "Gumbel-softmax temperature at the end (exponential anneal)", min=1e-6)
     allocator: str = _f("needs", "how the generation budget is split between classes: needs (per-class "
@@ -152,6 +159,13 @@ class TrainConfig:
                             min=0.0)
     mwn_lr: float = _f(1e-3, "loss=mwn: learning rate of the weighting network (Adam)", min=0.0)
     mwn_hidden: int = _f(100, "loss=mwn: hidden units of the weighting network", min=1)
+    posthoc: str = _f("none", "vanilla's cheap long-tail corrections: logit_adjust (post-hoc logit adjustment, Menon "
+                              "et al. 2021: the test logits minus posthoc_tau * log of the training class prior) or "
+                              "crt (classifier re-training, Kang et al. 2020: the encoder frozen, a fresh head trained "
+                              "crt_epochs epochs with class-balanced sampling, reported as 'after')",
+                      choices=("none", "logit_adjust", "crt"))
+    posthoc_tau: float = _f(1.0, "posthoc=logit_adjust: tau of the prior subtracted from the logits", min=0.0)
+    crt_epochs: int = _f(10, "posthoc=crt: epochs of the head's re-training", min=1)
     mtl_weight: float = _f(1.0, "mtl: weight of W2's loss on generated images in the generator's objective", min=0.0)
     gen_per_real: float = _f(1.0, "budget M per epoch, in generated images per real training image", min=0.0)
     decov_weight: float = _f(0.0, "DeCov regularizer on W2's features of generated images (0: off)", min=0.0)
@@ -270,6 +284,11 @@ def _coerce(key: str, tp, value: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -391,9 +410,6 @@ def validate(cfg: Config) -> None:
     if cfg.train.temperature_end > cfg.train.temperature_start:
         raise ConfigError(f"train.temperature_end={cfg.train.temperature_end:g} is above train.temperature_start="
                           f"{cfg.train.temperature_start:g}: the Gumbel temperature anneals downwards")
-    if cfg.run.compile != "none" and cfg.train.hypergradient == "exact":
-        raise ConfigError(f"run.compile={cfg.run.compile}: train.hypergradient=exact differentiates twice, which "
-                          f"torch.compile does not support; use train.hypergradient=darts or run.compile=none")
     if cfg.gan.learn_truncation and cfg.gan.truncation is None:
         raise ConfigError("gan.learn_truncation: needs gan.truncation, the tau to start from (e.g. gan.truncation=2)")
     if cfg.run.name is not None and (not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", "..")):

@@ -1,27 +1,16 @@
 """Build Betty's Engine from problems and name-keyed edges, after checking names, paths and cadence.
 
-Edges follow Betty: ``u2l[upper]`` lists the lower levels whose parameters the upper level's
-loss reads directly; ``l2u[lower]`` lists the upper levels that depend on the lower level's
-solution. Levels that are never an ``l2u`` value are leaves, stepped every iteration; an upper
+Edges follow Betty: ``l2u[lower]`` lists the levels whose training loss reads ``lower``'s parameters
+(so they depend on its solution, and step after it); ``u2l[upper]`` lists the levels whose training
+loss reads ``upper``'s parameters, where its hypergradient paths end (``mlo.hypergradient``). Levels that are never an ``l2u`` value are leaves, stepped every iteration; an upper
 level steps once all its children (or those in its ``ready_on``) finished ``unroll_steps`` steps.
 """
 from __future__ import annotations
 
 import torch
 from betty.configs import EngineConfig
-from betty.problems import ImplicitProblem
 
 from mlo.betty_compat import CompatEngine
-
-# Betty sets every level as an attribute of every other level and of the engine, by name.
-_RESERVED = set(dir(ImplicitProblem)) | set(dir(CompatEngine)) | {
-    "device", "cfg", "module", "optimizer", "scheduler", "train_data_loader", "train_data_iterator",
-    "cur_batch", "epoch_counter", "env", "precision", "dtype", "scaler", "gas", "logger", "ready",
-    "leaves", "problems", "dependencies", "config", "records", "noise", "seed", "ready_on",
-    "graph_modules", "loss_fn", "pending_features", "total_steps", "ema", "allocator", "objective", "policy",
-    "batch_size", "num_classes", "image_size", "lecam_anchors", "pending_scores", "topk", "decov_weight",
-    "truncation", "gen_per_step", "lambda_gen", "adversarial_lambda",
-}
 
 
 class GraphError(ValueError):
@@ -29,12 +18,16 @@ class GraphError(ValueError):
 
 
 def validate_graph(names: list[str], u2l: dict[str, list[str]], l2u: dict[str, list[str]],
-                   unroll: dict[str, int], ready_on: dict[str, list[str] | None]) -> None:
+                   unroll: dict[str, int], ready_on: dict[str, list[str] | None],
+                   attributes: set[str] = frozenset()) -> None:
+    """``attributes``: every attribute name of the problems and of the engine, which a level's name must
+    not shadow (Betty sets every level as an attribute of every other level and of the engine)."""
     if len(set(names)) != len(names):
         raise GraphError(f"level names must be unique: {names}")
     for name in names:
-        if not name.isidentifier() or name in _RESERVED:
-            raise GraphError(f"level name '{name}' clashes with a Betty attribute or is not an identifier")
+        if not name.isidentifier() or name in attributes:
+            raise GraphError(f"level name '{name}' is not an identifier or clashes with an attribute of the levels "
+                             f"or of Betty's engine (Betty sets each level as an attribute of the others by name)")
     for kind, edges in (("u2l", u2l), ("l2u", l2u)):
         for src, dsts in edges.items():
             for n in [src, *dsts]:
@@ -95,7 +88,8 @@ def build_engine(problems: list, u2l: dict[str, list[str]], l2u: dict[str, list[
     by_name = {p.name: p for p in problems}
     validate_graph(list(by_name), u2l, l2u,
                    unroll={p.name: p.config.unroll_steps for p in problems},
-                   ready_on={p.name: getattr(p, "ready_on", None) for p in problems})
+                   ready_on={p.name: getattr(p, "ready_on", None) for p in problems},
+                   attributes=set(dir(CompatEngine)).union(*(dir(p) for p in problems)))
     modules = [p.module for p in problems]
     for p in problems:
         p.graph_modules = modules

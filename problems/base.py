@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import zlib
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -40,8 +41,8 @@ import torch.nn as nn
 from betty.configs import Config
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-from mlo import hypergradient as _hypergradient  # noqa: F401  (registers the 'exact' hop type)
 from mlo.betty_compat import CompatProblem
+from mlo.hypergradient import SweepPlan, hypergradient
 from mlo.data.loaders import derive_seed
 from mlo.distributed import any_process
 
@@ -59,7 +60,7 @@ def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors)).isfinite().all()
 
 
-def level_config(*, unroll_steps: int = 1, hypergradient: str = "darts", darts_alpha: float = 0.001,
+def level_config(*, unroll_steps: int = 1, hypergradient: str = "exact", darts_alpha: float = 1e-4,
                  precision: str = "fp32", retain_graph: bool = False) -> Config:
     """Betty's problem config as every level here uses it; ``hypergradient`` is the hop type
     (``darts`` or ``exact``, see ``mlo.hypergradient``) used where this level is a lower level."""
@@ -156,9 +157,10 @@ class LevelProblem(CompatProblem):
     def owned_statistics(self) -> list[nn.Module]:
         """Modules whose statistics this level's own step updates: its module and its stream of A."""
         owned = [self.module]
-        stream, neck = getattr(unwrap(self.module), "stream", None), self.shared_neck
-        if stream is not None and neck is not None:
-            owned.append(unwrap(neck).norms[stream])
+        stream, meta = getattr(unwrap(self.module), "stream", None), self.shared_meta
+        norms = getattr(unwrap(meta), "norms", None) if meta is not None else None  # a neck-form A's BN
+        if stream is not None and norms is not None:
+            owned.append(norms[stream])
         return owned
 
     def get_loss(self, batch):
@@ -173,12 +175,21 @@ class LevelProblem(CompatProblem):
         self._skip_backward = bool(self.paths) and any_process(~self._loss_finite)
         return loss, loss_dict
 
-    # ----- numerical faults ---------------------------------------------------------------------
+    # ----- gradients ----------------------------------------------------------------------------
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
+        """The direct gradient, plus for a level with paths the hypergradient of ``mlo.hypergradient``'s
+        sweep (in place of Betty's path-by-path traversal)."""
         if self._skip_backward:
             return
-        super().backward(loss, params, paths, create_graph=create_graph, retain_graph=retain_graph,
-                         allow_unused=allow_unused)
+        if not paths:
+            return super().backward(loss, params, paths, create_graph=create_graph, retain_graph=retain_graph,
+                                    allow_unused=allow_unused)
+        self.set_grads(params, hypergradient(self, loss))
+
+    @cached_property
+    def sweep_plan(self) -> SweepPlan:
+        """The hops of this level's hypergradient, from the paths Betty found (set when the engine is built)."""
+        return SweepPlan.from_paths(self)
 
     def optimizer_step(self, *args, **kwargs):
         loss_fault = (~self._loss_finite).float()
@@ -224,8 +235,8 @@ class LevelProblem(CompatProblem):
         return all(self.ready[names.index(n)] for n in self.ready_on)
 
     @property
-    def shared_neck(self) -> nn.Module | None:
-        """The meta block A, when the graph has a ``meta`` level (Betty sets levels as attributes)."""
+    def shared_meta(self) -> nn.Module | None:
+        """A, when the graph has a ``meta`` level (Betty sets levels as attributes)."""
         meta = getattr(self, "meta", None)
         return meta.module if meta is not None else None
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mlo.budget import Allocator, keep_weights, logistic_noise, per_class_val_loss, sample_classes, temperature, uniform_noise
+from mlo.budget import (Allocator, ValidationMemory, keep_weights, logistic_noise, per_class_val_loss, sample_classes,
+                        temperature, uniform_noise)
 from mlo.losses import ClassificationLoss, decov
 from mlo.models.gan.sampling import truncate
 from problems.base import LevelProblem, unwrap
@@ -48,7 +49,7 @@ class ClassifierProblem(LevelProblem):
         self.optimizer.step()
 
     def forward(self, x):
-        return self.module(x, self.shared_neck)
+        return self.module(x, self.shared_meta)
 
     def get_batch(self):
         if self.pending_features is not None:
@@ -64,12 +65,12 @@ class ClassifierProblem(LevelProblem):
         in before the next own step (never from a hop)."""
         if not (self.loss_fn.needs_features or with_features):
             return self.loss_fn(self(x), y, progress=progress)
-        logits, features = self.module(x, self.shared_neck, with_features=True)
+        logits, features = self.module(x, self.shared_meta, with_features=True)
         head = {}
         if self.loss_fn.needs_features:
             if self._own_step:
                 self.pending_features = (features[:real].detach(), y[:real])
-            head["head_weight"] = unwrap(self.module).head.weight
+            head["head_weight"] = unwrap(self.module).head_weight(self.shared_meta)
         losses = self.loss_fn(logits, y, progress=progress, **head)
         return (losses, features) if with_features else losses
 
@@ -89,9 +90,10 @@ class ClassifierProblem(LevelProblem):
 class RefinedClassifierProblem(ClassifierProblem):
     """W2: ``L_cls(W2, A, D_tr) + λ · mean_m b_m · L_cls(W2, A, G(o_m, δ_m), o_m)``.
 
-    ``p(s)`` comes from the allocator applied to W1's per-class loss on a class-balanced
-    validation batch, so b_m carries gradients to W1 and A; o_m, δ_m and the Gumbel noise are
-    drawn in ``prepare_batch``. The latents are truncated at the τ of a ``trunc`` level (learned)
+    ``p(s)`` comes from the allocator applied to W1's per-class loss on the validation set: the
+    current class-balanced validation batch (differentiable, so b_m carries gradients to W1 and A)
+    and the rest of the set as W1 last scored it (``ValidationMemory``, updated after each own step,
+    before the next); o_m, δ_m and the Gumbel noise are drawn in ``prepare_batch``. The latents are truncated at the τ of a ``trunc`` level (learned)
     or at ``truncation`` (fixed), if either is given; ``decov_weight`` adds the DeCov penalty of
     W2's features of the generated images.
     """
@@ -99,10 +101,13 @@ class RefinedClassifierProblem(ClassifierProblem):
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
                  loss_fn: ClassificationLoss, allocator: Allocator, train_counts, gen_per_step: int,
                  lambda_gen: float, temperatures: tuple[float, float], total_steps: int,
-                 truncation: float | None = None, decov_weight: float = 0.0, **kwargs):
+                 truncation: float | None = None, decov_weight: float = 0.0, keep_form: str = "relaxed", **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn,
                          total_steps=total_steps, **kwargs)
         self.allocator = allocator
+        self.keep_form = keep_form
+        self.val_memory = None   # ValidationMemory of W1's losses, set in initialize
+        self.pending_val = None  # (indices, losses, correct) of the last own step, not yet in the memory
         self.train_counts = torch.as_tensor(train_counts, dtype=torch.float)
         self.num_classes = len(train_counts)
         self.gen_per_step = gen_per_step
@@ -114,28 +119,38 @@ class RefinedClassifierProblem(ClassifierProblem):
     def initialize(self):
         super().initialize()
         self.train_counts = self.train_counts.to(self.device)  # once, not a copy to the device per step
+        self.val_memory = ValidationMemory(self.train_data_loader[1].labels, self.num_classes)
+
+    def get_batch(self):
+        if self.pending_val is not None:
+            self.val_memory.update(*self.pending_val)
+            self.pending_val = None
+        return super().get_batch()
 
     def prepare_batch(self, data):
-        (x, y), (x_val, y_val) = data
-        return {"x": x, "y": y, **self.generation_noise(self.noise, x_val, y_val)}
+        (x, y), (x_val, y_val, idx_val) = data
+        return {"x": x, "y": y, **self.generation_noise(self.noise, x_val, y_val, idx_val)}
 
-    def generation_noise(self, generator: torch.Generator, x_val, y_val) -> dict:
+    def generation_noise(self, generator: torch.Generator, x_val, y_val, idx_val) -> dict:
         """The draws behind ``generate`` (latents, class and keep noise), from ``generator``, plus the
-        validation batch p(s) is computed on and the current temperature."""
+        validation batch p(s) is computed on (and its images' indices) and the current temperature."""
         m, dev = self.gen_per_step, self.device
         return {
-            "x_val": x_val, "y_val": y_val,
+            "x_val": x_val, "y_val": y_val, "idx_val": idx_val,
             "z": torch.randn(m, unwrap(self.gen.module).z_dim, generator=generator, device=dev),
             "class_uniforms": uniform_noise((m, self.num_classes), generator, dev),
             "logistic": logistic_noise((m,), generator, dev),
             "temperature": temperature(self._count / max(1, self.total_steps), *self.temperatures),
         }
 
-    def allocation(self, x_val, y_val):
-        """``p(s)`` and W1's per-class validation statistics (differentiable in W1 and A); under several
-        processes, of all their validation shares, so every process draws from the same ``p(s)``."""
-        stats = per_class_val_loss(self.w1(x_val), y_val, self.num_classes)
+    def allocation(self, x_val, y_val, idx_val):
+        """``p(s)`` and W1's per-class statistics on the validation set (differentiable in W1 and A through
+        the batch); under several processes, of all their validation shares, so every process draws from
+        the same ``p(s)``."""
+        stats = per_class_val_loss(self.w1(x_val), y_val, self.num_classes, self.val_memory, idx_val)
         stats.train_counts = self.train_counts
+        if self._own_step:
+            self.pending_val = (idx_val, stats.batch_losses, stats.batch_correct)
         return self.allocator(stats), stats
 
     def latents(self, z):
@@ -147,9 +162,9 @@ class RefinedClassifierProblem(ClassifierProblem):
 
     def generate(self, batch):
         """Classes ``o_m ~ p(s)``, keep-weights ``b_m`` and images ``G(o_m, δ_m)`` for the batch's noise."""
-        p, stats = self.allocation(batch["x_val"], batch["y_val"])
+        p, stats = self.allocation(batch["x_val"], batch["y_val"], batch["idx_val"])
         classes = sample_classes(p, batch["class_uniforms"])
-        keep = keep_weights(p[classes], batch["logistic"], batch["temperature"])
+        keep = keep_weights(p[classes], batch["logistic"], batch["temperature"], self.keep_form)
         return self.gen.module(self.latents(batch["z"]), classes), classes, keep, p, stats
 
     def training_step(self, batch):
@@ -166,3 +181,36 @@ class RefinedClassifierProblem(ClassifierProblem):
         if self.decov_weight:
             loss = loss + self.decov_weight * decov(features[n:])
         return loss
+
+    def level_state(self):
+        return {**super().level_state(), "val_memory": self.val_memory.state_dict()}  # the same in every process
+
+    def process_state(self):
+        return {**super().process_state(), "pending_val": self.pending_val}
+
+    def load_level_state(self, state):
+        super().load_level_state(state)
+        self.val_memory.load_state_dict(state["val_memory"])
+        self.pending_val = state["pending_val"]
+
+
+class RetrainedHeadProblem(ClassifierProblem):
+    """cRT (Kang et al., 2020): a fresh head re-trained on W1's frozen encoder, with class-balanced
+    batches. The encoder runs without gradients and in evaluation mode (its BN statistics stay W1's);
+    the level's parameters are the head's alone."""
+
+    def trainable_parameters(self):
+        return [p for name, p in unwrap(self.module).named_parameters() if not name.startswith("encoder.")]
+
+    def forward(self, x):
+        classifier = unwrap(self.module)
+        training = classifier.encoder.training
+        classifier.encoder.eval()
+        with torch.no_grad():
+            h = classifier.encoder(x)
+        classifier.encoder.train(training)
+        features, head = classifier.through_a(h, None)
+        return head(features)
+
+    def training_step(self, batch):
+        return F.cross_entropy(self(batch["x"]), batch["y"])

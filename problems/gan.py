@@ -7,6 +7,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from mlo.models.gan.diffaugment import diffaugment, sample_params
 from mlo.models.gan.losses import GANObjective, cheap_features, k_center, lecam_penalty, top_k_fraction, top_k_mean
+from mlo.models import has_batch_norm
 from problems.base import LevelProblem, unwrap
 
 
@@ -38,7 +39,7 @@ class DiscriminatorProblem(LevelProblem):
         self.lecam_anchors = self.lecam_anchors.to(self.device)
 
     def forward(self, x, y):
-        return self.module(x, y, self.shared_neck)
+        return self.module(x, y, self.shared_meta)
 
     def get_batch(self):
         if self.pending_scores is not None:  # a skipped (non-finite) step moves nothing; decided on the device
@@ -104,10 +105,13 @@ class GeneratorProblem(LevelProblem):
         self.ema_decay = ema_decay
         self.topk = (topk_decay, topk_min_fraction)
         self.ema = None
+        self.with_real = False  # set in initialize: D sees G's images beside real ones
 
     def initialize(self):
         super().initialize()
         self.ema = AveragedModel(unwrap(self.module), multi_avg_fn=self._ema_update, use_buffers=True)
+        # a D with batch statistics sees G's images beside real ones, as in its own step
+        self.with_real = has_batch_norm(self.disc.module, self.shared_meta)
 
     @torch.no_grad()
     def _ema_update(self, averaged, current, num_averaged):
@@ -120,16 +124,24 @@ class GeneratorProblem(LevelProblem):
 
     def prepare_batch(self, data):
         n, dev = self.batch_size, self.device
-        return {
+        batch = {
             "z": torch.randn(n, unwrap(self.module).z_dim, generator=self.noise, device=dev),
             "y": torch.randint(0, self.num_classes, (n,), generator=self.noise, device=dev),
             "aug": sample_params(self.policy, n, self.image_size, self.noise, dev),
             "topk_fraction": top_k_fraction(self._count - 1, *self.topk),  # Betty counted this step already
         }
+        if self.with_real:  # the real images of D's last step
+            real = self.disc.cur_batch
+            batch.update(real=real["x"], y_real=real["y"],
+                         aug_real=sample_params(self.policy, len(real["y"]), self.image_size, self.noise, dev))
+        return batch
 
     def gan_loss(self, fake, batch):
-        """G's per-image GAN loss and D's scores of ``fake`` (augmented as D sees it)."""
-        return self.objective.generator_loss(self.disc, diffaugment(fake, batch["aug"]), batch["y"])
+        """G's per-image GAN loss and D's scores of ``fake`` (augmented as D sees it, beside real
+        images where D has batch statistics)."""
+        real = diffaugment(batch["real"], batch["aug_real"]) if "real" in batch else None
+        return self.objective.generator_loss(self.disc, diffaugment(fake, batch["aug"]), batch["y"], real=real,
+                                             y_real=batch.get("y_real"))
 
     def training_step(self, batch):
         out = self.gan_loss(self.module(batch["z"], batch["y"]), batch)

@@ -7,7 +7,8 @@ from problems.base import LevelProblem
 
 
 class MetaProblem(LevelProblem):
-    """``min_A L_cls(W2', A, D_val) + γ · L_cls(W1', A, D_val)``."""
+    """``min_A L_cls(W2', A, D_val) + γ · L_cls(W1', A, D_val)``; without a W2 (``vanilla_meta``),
+    ``γ · L_cls(W1', A, D_val)``."""
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
                  gamma: float, **kwargs):
@@ -15,10 +16,12 @@ class MetaProblem(LevelProblem):
         self.gamma = gamma
 
     def owned_statistics(self):
-        # A's only buffers are its per-stream BN statistics; each stream belongs to the level
-        # that reads features through it, so validation batches seen here leave them alone.
+        # A's only buffers are a neck-form A's per-stream BN statistics; each stream belongs to the
+        # level that reads features through it, so validation batches seen here leave them alone.
         return []
 
     def training_step(self, batch):
         x, y = batch["x"], batch["y"]
-        return F.cross_entropy(self.w2(x), y) + self.gamma * F.cross_entropy(self.w1(x), y)
+        loss = self.gamma * F.cross_entropy(self.w1(x), y)
+        w2 = getattr(self, "w2", None)  # Betty sets levels as attributes, by name
+        return loss if w2 is None else F.cross_entropy(w2(x), y) + loss

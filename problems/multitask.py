@@ -16,8 +16,8 @@ class MultiTaskGeneratorProblem(GeneratorProblem):
         self.classifier_weight = classifier_weight
 
     def prepare_batch(self, data):
-        x_val, y_val = data  # p(s) is computed on a class-balanced validation batch, as in W2
-        return {**super().prepare_batch(None), "for_w2": self.w2.generation_noise(self.noise, x_val, y_val)}
+        x_val, y_val, idx_val = data  # p(s) is computed on the validation set, as in W2
+        return {**super().prepare_batch(None), "for_w2": self.w2.generation_noise(self.noise, x_val, y_val, idx_val)}
 
     def training_step(self, batch):
         images, classes, keep, _, _ = self.w2.generate(batch["for_w2"])

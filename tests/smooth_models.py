@@ -3,7 +3,7 @@
 Finite differences of a gradient are only comparable to an exact Hessian-vector product where
 the loss is smooth at the scale of the perturbation; ReLU and max-pool networks have kinks
 everywhere (the FD then measures a smoothed Hessian). These models keep the real problems,
-graph, meta block and projection discriminator, and swap only the networks.
+graph, A and the discriminators, and swap only the encoder and generator networks.
 """
 from __future__ import annotations
 
@@ -47,30 +47,21 @@ def tiny_tanh(in_channels: int = 1, image_size: int = 8, width: int = 8):
 
 
 @register_model("gan")
-def tiny_tanh_gan(image_shape, num_classes, feature_dim, cfg, encoder=None, neck=None) -> GAN:
+def tiny_tanh_gan(image_shape, num_classes, feature_dim, cfg, encoder=None, meta=None, owns_class_head=False) -> GAN:
     c, h, w = image_shape
     body = encoder if encoder is not None else TanhEncoder(c * h * w, feature_dim, linear=snlinear)
     return GAN(generator=TanhGenerator(image_shape, num_classes, cfg.z_dim, cfg.gan_ch),
-               discriminator=ProjectionDiscriminator(body, num_classes, neck=neck), objective=GANObjective(HINGE))
-
-
-class DirectCriticACDiscriminator(ACDiscriminator):
-    """An AC discriminator whose adversarial head reads φ(x) directly and whose class head reads
-    A(φ(x)). The exact reference of the hop (disc → meta) differentiates the gradient penalty three
-    times; through A's batch norm torch cannot (no third derivative of batch_norm), so the
-    penalty's critic stays off A here, while the class term keeps the path through A."""
-
-    def forward(self, x, y, shared_neck=None):
-        h = self.body(x)
-        neck = self.neck if self.neck is not None else shared_neck
-        return self.psi(h).squeeze(1), self.class_head(neck(h, self.stream) if neck is not None else h)
+               discriminator=ProjectionDiscriminator(body, num_classes, meta=meta, owns_class_head=owns_class_head),
+               objective=GANObjective(HINGE))
 
 
 @register_model("gan")
-def tiny_tanh_wacgan_gp(image_shape, num_classes, feature_dim, cfg, encoder=None, neck=None) -> GAN:
+def tiny_tanh_wacgan_gp(image_shape, num_classes, feature_dim, cfg, encoder=None, meta=None,
+                        owns_class_head=False) -> GAN:
     """WAC-GAN-GP's objective (Wasserstein, auxiliary classifier, gradient penalty) on tanh networks."""
     c, h, w = image_shape
     body = encoder if encoder is not None else TanhEncoder(c * h * w, feature_dim)
     return GAN(generator=TanhGenerator(image_shape, num_classes, cfg.z_dim, cfg.gan_ch),
-               discriminator=DirectCriticACDiscriminator(body, num_classes, neck=neck, which_linear=nn.Linear),
+               discriminator=ACDiscriminator(body, num_classes, meta=meta, owns_class_head=owns_class_head,
+                                             which_linear=nn.Linear),
                objective=GANObjective(WASSERSTEIN, auxiliary_classifier=True, gp_weight=cfg.gp_weight))

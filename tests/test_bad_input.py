@@ -99,7 +99,7 @@ CASES = [
     (["run", "temperature_start=0.1", "temperature_end=1"], "train.temperature_end=1 is above train.temperature_start"),
     (["run", "precision=fp16", "device=cpu"], "train.precision=fp16 needs a CUDA device"),
     (["run", "compile=aot_eager", "hypergradient=exact"], "run.compile=aot_eager: train.hypergradient=exact "
-                                                          "differentiates twice"),
+                                                          "differentiates the levels' steps twice"),
     # config files
     (["run", "BADYAML.yaml"], "is not valid YAML at line 3"),
     (["run", "BADSECTION.yaml"], "unknown config section 'trian' (did you mean 'train'?)"),

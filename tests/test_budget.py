@@ -8,6 +8,7 @@ from scipy import stats
 
 from mlo.budget import (ClassStats, create_allocator, keep_weights, logistic_noise, per_class_val_loss,
                         sample_classes, temperature, uniform_noise)
+from mlo.data.loaders import to_float
 from tests.conftest import build_run
 
 
@@ -38,6 +39,63 @@ def test_per_class_val_loss_matches_a_direct_computation():
         direct = torch.nn.functional.cross_entropy(logits[mask], labels[mask])
         assert torch.allclose(out.val_loss[c], direct, atol=1e-6)
         assert out.val_acc[c] == (logits[mask].argmax(1) == c).float().mean()
+
+
+def test_p_covers_the_whole_validation_set_for_a_fixed_w1():
+    """W2's p(s) comes from its validation batch plus the remembered rest of the set: after one pass over
+    the validation batches, p equals the allocation of W1's losses on the whole validation set."""
+    run = build_run("data.val_per_class=8", "data.val_batch_size=20")  # 2 images a class per batch: 4 batches
+    w1, w2 = run.levels["w1"], run.levels["w2"]
+    run.engine.eval()  # a fixed W1 (its BN in evaluation mode)
+    with torch.no_grad():  # spread the logits, so that images' losses differ
+        run.levels["meta"].module.head.weight.mul_(30)
+    loader = w2.train_data_loader[1]
+    assert len(loader) == 4
+    x_all, y_all = run.data.val_images, torch.as_tensor(run.data.val_labels)
+    with torch.no_grad():
+        full = per_class_val_loss(w1(to_float(x_all)), y_all, run.data.num_classes)
+        full.train_counts = w2.train_counts
+        expected = w2.allocator(full)
+        batches = list(loader) + list(loader)[:1]
+        for i, (x, y, idx) in enumerate(batches):
+            w2._own_step = True  # as in W2's own step: the batch's losses go to the memory after it
+            p, stats = w2.allocation(x, y, idx)
+            w2._own_step = False
+            if i == len(batches) - 1:
+                assert torch.allclose(p, expected, atol=1e-6), (p, expected)
+                assert torch.allclose(stats.val_loss, full.val_loss, atol=1e-5)
+            elif i < 3:  # the memory does not cover the set yet: p is of the images seen so far
+                assert not torch.allclose(stats.val_loss, full.val_loss, atol=1e-3)
+            w2.val_memory.update(*w2.pending_val)
+    assert w2.val_memory.seen.all()
+
+
+def test_batch_terms_of_p_are_differentiable_and_the_memory_is_not():
+    run = build_run("data.val_per_class=8", "data.val_batch_size=40")
+    w2 = run.levels["w2"]
+    run.engine.train()
+    first, second = list(w2.train_data_loader[1])
+    w2._own_step = True
+    w2.allocation(*first)
+    w2._own_step = False
+    w2.val_memory.update(*w2.pending_val)
+    p, stats = w2.allocation(*second)
+    grads = torch.autograd.grad(stats.val_loss.sum(), run.levels["w1"].trainable_parameters(), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert not w2.val_memory.values.requires_grad
+
+
+def test_straight_through_keep_weights_are_binary_with_the_relaxed_gradient():
+    g = torch.Generator().manual_seed(4)
+    p_o = torch.full((1000,), 0.3, requires_grad=True)
+    noise = logistic_noise((1000,), g, "cpu")
+    hard = keep_weights(p_o, noise, 0.5, "straight_through")
+    relaxed = keep_weights(p_o, noise, 0.5)
+    assert torch.allclose(hard.detach(), (relaxed > 0.5).float(), atol=1e-6)  # 0 or 1, up to an ulp
+    assert 0.1 < (relaxed > 0.5).float().mean() < 0.5
+    (g_hard,) = torch.autograd.grad(hard.sum(), p_o)
+    (g_relaxed,) = torch.autograd.grad(relaxed.sum(), p_o)
+    assert torch.allclose(g_hard, g_relaxed)
 
 
 def test_sampled_class_frequencies_follow_p():
@@ -83,7 +141,7 @@ def test_gradients_flow_from_keep_weights_to_w1_and_a():
     w1, w2, meta = run.levels["w1"], run.levels["w2"], run.levels["meta"]
     run.engine.train()
     batch = w2.get_batch()
-    p, _ = w2.allocation(batch["x_val"], batch["y_val"])
+    p, _ = w2.allocation(batch["x_val"], batch["y_val"], batch["idx_val"])
     classes = sample_classes(p, batch["class_uniforms"])
     b = keep_weights(p[classes], batch["logistic"], batch["temperature"])
     b.sum().backward()

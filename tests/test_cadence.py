@@ -38,7 +38,7 @@ def test_vanilla_mode_has_one_level():
 def test_meta_none_removes_level_four():
     run = build_run("model.meta=none", "train.meta_every=2")
     assert "meta" not in run.levels
-    assert run.levels["w1"].module.neck is not None  # each network owns its A-shaped block
+    assert run.levels["w1"].module.meta is not None  # each network owns its A-shaped block
     Trainer(run.engine, [Phase("no meta", 4)], progress=False).run()
     steps = {name: optimizer_steps(p) for name, p in run.levels.items()}
     assert steps == {"w1": 4, "disc": 4, "w2": 4, "gen": 2}

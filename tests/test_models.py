@@ -1,4 +1,4 @@
-"""Registered models: ResNet-32's size, BigGAN shapes per resolution, the meta block, DiffAugment."""
+"""Registered models: ResNet-32's size, BigGAN shapes per resolution, A in both forms, DiffAugment."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,9 @@ from torch.nn.utils.parametrize import is_parametrized
 
 from mlo.config import GANConfig
 from mlo.errors import ConfigError
-from mlo.models import Classifier, MetaBlock, create_model, list_models
+import torch.nn as nn
+
+from mlo.models import Classifier, MetaHead, MetaNeck, create_model, list_models
 from mlo.models.gan.diffaugment import POLICIES, diffaugment, sample_params
 
 
@@ -18,9 +20,22 @@ def count(module) -> int:
 def test_resnet32_with_a_10_way_head_has_464154_parameters():
     encoder = create_model("encoder", "resnet32", in_channels=3, image_size=32)
     assert encoder.out_dim == 64
-    classifier = Classifier(encoder, 10, stream="w1")
-    assert count(classifier) == 464_154
+    classifier = Classifier(encoder, stream="w1", meta=MetaNeck(64, ("w1",)), own_head=nn.Linear(64, 10))
+    assert count(classifier.encoder) + count(classifier.own_head) == 464_154
     assert classifier(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_a_as_the_last_two_layers_makes_the_logits():
+    """Head form: the classifier owns only its encoder; its logits are A's output."""
+    encoder = create_model("encoder", "small_cnn", in_channels=1, image_size=8, width=4)
+    meta = MetaHead(encoder.out_dim, 5)
+    classifier = Classifier(encoder, stream="w1")
+    x = torch.randn(3, 1, 8, 8)
+    logits, features = classifier(x, meta, with_features=True)
+    assert torch.equal(logits, meta(encoder(x))) and features.shape == (3, encoder.out_dim)
+    assert classifier.head_weight(meta) is meta.head.weight and count(classifier) == count(encoder)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in meta.modules())
+    assert count(meta) == encoder.out_dim ** 2 + encoder.out_dim + encoder.out_dim * 5 + 5
 
 
 @pytest.mark.parametrize("size,channels", [(8, 1), (32, 1), (32, 3)])
@@ -39,8 +54,7 @@ def test_biggan_shapes_per_resolution(size):
     z, y = torch.randn(4, g.z_dim), torch.tensor([0, 1, 2, 4])
     images = g(z, y)
     assert images.shape == (4, 3, size, size) and images.abs().max() <= 1
-    neck = MetaBlock(24, ("disc",))
-    assert d(images, y, neck).shape == (4,)
+    assert d(images, y, MetaHead(24, 5)).shape == (4,)
     assert d.body(images).shape == (4, 24)
     assert is_parametrized(d.psi) and is_parametrized(g.linear)  # spectral norm
     has_attention = any(type(m).__name__ == "SelfAttention" for m in g.modules())
@@ -61,22 +75,35 @@ def test_generator_is_class_conditional_through_the_shared_embedding():
     assert not torch.allclose(a, b)
 
 
-def test_meta_block_keeps_statistics_per_stream():
-    block = MetaBlock(6, ("w1", "disc")).train()
+def test_meta_neck_keeps_statistics_per_stream():
+    block = MetaNeck(6, ("w1", "disc")).train()
     block(torch.randn(32, 6) + 5, "w1")
     block(torch.randn(32, 6) - 5, "disc")
     assert block.norms["w1"].running_mean.mean() != block.norms["disc"].running_mean.mean()
     assert count(block) == 6 * 6 + 6 * 2 + 6 * 6 + 6
 
 
-def test_projection_discriminator_class_term_reads_through_a():
+def test_projection_discriminator_is_psi_of_a_features_plus_the_logit_of_a():
+    """``H(x, y) = ψ(a(φ(x))) + A(φ(x))[y]``."""
     gan = create_model("gan", "biggan", image_shape=(1, 8, 8), num_classes=3, feature_dim=8,
                        cfg=GANConfig(gan_ch=4, z_dim=8, shared_dim=4))
-    d, neck = gan.discriminator, MetaBlock(8, ("disc",))
-    x = torch.randn(4, 1, 8, 8)
-    out = d(x, torch.zeros(4, dtype=torch.long), neck)
+    d, meta = gan.discriminator.eval(), MetaHead(8, 3)  # eval: no spectral-norm power iteration between calls
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    out = d(x, y, meta)
+    h = d.body(x)
+    expected = d.psi(meta.features(h)).squeeze(1) + meta(h).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(out, expected, atol=1e-6) and d.own_head is None
     out.sum().backward()
-    assert all(p.grad is not None for p in neck.parameters())
+    assert all(p.grad is not None for p in meta.parameters())
+
+
+def test_neck_form_discriminator_owns_its_class_head():
+    gan = create_model("gan", "biggan", image_shape=(1, 8, 8), num_classes=3, feature_dim=8,
+                       cfg=GANConfig(gan_ch=4, z_dim=8, shared_dim=4), owns_class_head=True)
+    d, neck = gan.discriminator, MetaNeck(8, ("disc",))
+    out = d(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), neck)
+    out.sum().backward()
+    assert d.own_head is not None and all(p.grad is not None for p in neck.parameters())
 
 
 def test_diffaugment_is_deterministic_given_its_parameters():

@@ -134,7 +134,7 @@ def test_adversarial_generator_plays_against_critic_and_classifier(tmp_path):
 
 
 def test_every_mode_is_covered_here():
-    assert set(MODES) == {"end2end", "sequential", "separate", "mtl", "vanilla", "adversarial"}
+    assert set(MODES) == {"end2end", "sequential", "separate", "mtl", "vanilla", "vanilla_meta", "adversarial"}
 
 
 def _stats(acc, loss, counts):
@@ -188,3 +188,55 @@ def test_worstk_larger_than_the_classes_is_refused():
     from mlo.errors import ConfigError
     with pytest.raises(ConfigError, match="train.worstk_k=11 exceeds the 10 classes"):
         build_run("train.allocator=worstk", "train.worstk_k=11")
+
+
+def test_vanilla_with_a_learns_the_head_on_the_validation_set_only(tmp_path):
+    """vanilla_meta: W1 owns only its encoder; its logits are A's, and A steps only on validation batches."""
+    run = build_run("train.mode=vanilla_meta", *FAST)
+    assert wiring(run) == {"w1": [], "meta": ["w1"]}
+    w1, meta = run.levels["w1"], run.levels["meta"]
+    assert w1.module.meta is None and [[p.name for p in path] for path in meta.paths] == [["meta", "w1", "meta"]]
+    assert not set(map(id, meta.trainable_parameters())) & set(map(id, w1.trainable_parameters()))
+    run.run_dir = tmp_path
+    run.trainer.run()
+    assert adam_steps(w1) == run.ctx.total_steps and adam_steps(meta) == run.ctx.total_steps // 2
+
+
+def test_logit_adjustment_subtracts_tau_log_prior_from_the_evaluated_logits():
+    plain, adjusted = build_run("train.mode=vanilla"), build_run("train.mode=vanilla", "train.posthoc=logit_adjust",
+                                                                 "train.posthoc_tau=0.5")
+    adjusted.levels["w1"].module.load_state_dict(plain.levels["w1"].module.state_dict())
+    for run in (plain, adjusted):
+        run.engine.eval()
+    data = plain.data
+    (a, y), (b, _) = (run.predict(run.levels["w1"], data.test_images, data.test_labels) for run in (plain, adjusted))
+    prior = torch.tensor(data.train_counts, dtype=torch.float) / sum(data.train_counts)
+    assert torch.allclose(b, a - 0.5 * prior.log(), atol=1e-5)
+
+
+def test_crt_retrains_a_fresh_head_on_the_frozen_encoder_with_class_balanced_batches():
+    run = build_run("train.mode=vanilla", "train.posthoc=crt", "train.crt_epochs=2", "train.epochs=2")
+    w1, crt = run.levels["w1"], run.levels["w2"]
+    assert [p.name for p in run.trainer.phases] == ["W1", "cRT"]
+    assert crt.module.encoder is w1.module.encoder and crt.module.meta is not w1.module.meta
+    assert {id(p) for p in crt.trainable_parameters()} == {id(p) for p in crt.module.meta.parameters()}
+    Trainer(run.engine, run.trainer.phases[:1], progress=False).run()
+    encoder = {k: v.clone() for k, v in w1.module.encoder.state_dict().items()}
+    Trainer(run.engine, run.trainer.phases[1:], progress=False).run()
+    assert all(torch.equal(v, w1.module.encoder.state_dict()[k]) for k, v in encoder.items())  # weights and BN stats
+    assert adam_steps(crt) == 2 * run.ctx.steps_per_epoch
+    labels = torch.as_tensor(run.data.train_labels)[torch.cat(crt.train_data_loader[0].batch_indices(0))]
+    counts = torch.bincount(labels, minlength=run.data.num_classes).float()
+    train = torch.tensor(run.data.train_counts, dtype=torch.float)
+    assert counts.std() / counts.mean() < 0.25 < train.std() / train.mean()  # balanced batches of a long tail
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("train.mode=end2end", "train.posthoc=crt"), "applies to train.mode=vanilla"),
+    (("train.mode=vanilla", "train.posthoc_tau=2"), "applies to train.posthoc=logit_adjust only"),
+    (("train.mode=vanilla", "train.keep_weights=straight_through"), "generates none"),
+])
+def test_options_that_would_do_nothing_are_refused(overrides, message):
+    from mlo.errors import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        build_run(*overrides)

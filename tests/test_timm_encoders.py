@@ -7,7 +7,7 @@ from torch.nn.utils import parameters_to_vector
 
 from mlo.config import load_config
 from mlo.errors import ConfigError
-from mlo.models import Classifier, create_model, list_models
+from mlo.models import Classifier, MetaHead, create_model, list_models
 from mlo.models.encoders import load_encoder_weights
 from mlo.trainer import Phase, Trainer
 from tests.conftest import build_run
@@ -22,7 +22,8 @@ def test_timm_encoders_give_pooled_features(name, channels, size, out_dim):
     encoder = create_model("encoder", name, in_channels=channels, image_size=size)
     assert encoder.out_dim == out_dim
     assert encoder(torch.randn(2, channels, size, size)).shape == (2, out_dim)
-    assert Classifier(encoder, 5, stream="w1")(torch.randn(2, channels, size, size)).shape == (2, 5)
+    classifier = Classifier(encoder, stream="w1", meta=MetaHead(out_dim, 5))
+    assert classifier(torch.randn(2, channels, size, size)).shape == (2, 5)
 
 
 def test_out_dim_is_the_width_of_what_forward_returns():

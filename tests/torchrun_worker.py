@@ -23,8 +23,8 @@ seen = {"allocations": [], "params": {}, "writes": []}
 
 
 def watch_allocation(original):
-    def allocation(self, x_val, y_val):
-        p, stats = original(self, x_val, y_val)
+    def allocation(self, x_val, y_val, idx_val):
+        p, stats = original(self, x_val, y_val, idx_val)
         seen["allocations"].append(p.detach().clone())
         return p, stats
     return allocation

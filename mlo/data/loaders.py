@@ -89,7 +89,7 @@ class _IndexLoader:
 
     def __init__(self, images: ImageSet, labels, seed: int, augment: str = "none",
                  device: torch.device | str = "cpu", workers: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False):
+                 channels_last: bool = False, with_indices: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of {world_size} processes")
         self.device = torch.device(device)
@@ -100,6 +100,7 @@ class _IndexLoader:
         self.seed = seed
         self.augment = augment
         self.workers = workers
+        self.with_indices = with_indices  # batches are (x, y, indices into the set) instead of (x, y)
         self.epoch = 0
         self.position = 0
 
@@ -130,7 +131,7 @@ class _IndexLoader:
             params = augment_params(self.augment, len(batches[b]), size, seeded_generator(self.seed, self.epoch, b, 1))
             idx = to_device(batches[b][self.share], self.device)
             x = augment(to_float(self.images[idx]), {k: to_device(v[self.share], self.device) for k, v in params.items()})
-            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
+            yield self._batch(x.contiguous(memory_format=self.memory_format), idx)
 
     def _decode(self, batches: list[torch.Tensor], start: int):
         """``batches[start:]`` decoded by a DataLoader; each image's transform draws from a seed of
@@ -143,7 +144,10 @@ class _IndexLoader:
                             pin_memory=self.device.type == "cuda")
         for b, x in enumerate(loader, start=start):
             x = to_float(x.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
-            yield x, self.labels[to_device(batches[b][self.share], self.device)]
+            yield self._batch(x, to_device(batches[b][self.share], self.device))
+
+    def _batch(self, x: torch.Tensor, idx: torch.Tensor) -> tuple:
+        return (x, self.labels[idx], idx) if self.with_indices else (x, self.labels[idx])
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -170,8 +174,8 @@ class BalancedLoader(_IndexLoader):
     """Class-balanced batches: ``per_class`` images of every class in each batch."""
 
     def __init__(self, images, labels, per_class: int, seed: int, device="cpu", workers: int = 0,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
-        super().__init__(images, labels, seed, "none", device, workers, rank, world_size, channels_last)
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False, with_indices: bool = False):
+        super().__init__(images, labels, seed, "none", device, workers, rank, world_size, channels_last, with_indices)
         labels = np.asarray(labels)
         self.by_class = [torch.from_numpy(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
         self.per_class = max(1, min(per_class, min(len(i) for i in self.by_class)))
@@ -189,6 +193,26 @@ class BalancedLoader(_IndexLoader):
         return [torch.cat([p[b * k:(b + 1) * k] for p in perms]) for b in range(steps)]
 
 
+class ClassBalancedLoader(TensorLoader):
+    """Class-balanced sampling (Kang et al.'s cRT): each image of a batch is of a class drawn uniformly
+    and an image of it drawn uniformly (with replacement); as many batches per epoch as ``TensorLoader``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        labels = self.labels.cpu()
+        self.by_class = [torch.nonzero(labels == c).squeeze(1) for c in range(int(labels.max()) + 1)]
+
+    def batch_indices(self, epoch: int) -> list[torch.Tensor]:
+        gen = seeded_generator(self.seed, epoch, 0)
+        steps = len(self.labels) // self.batch_size
+        classes = torch.randint(0, len(self.by_class), (steps * self.batch_size,), generator=gen)
+        counts = torch.tensor([len(i) for i in self.by_class])
+        picks = (torch.rand(len(classes), generator=gen) * counts[classes]).long()
+        offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), counts[:-1]]), 0)
+        flat = torch.cat(self.by_class)
+        return list(flat[offsets[classes] + picks].view(steps, self.batch_size))
+
+
 class SequentialLoader(_IndexLoader):
     """Every image once, in order, unaugmented (evaluation); the last batch may be smaller."""
 
@@ -202,21 +226,27 @@ class SequentialLoader(_IndexLoader):
 
 def make_loader(order: str, images: ImageSet, labels, batch_size: int, *, seed: int = 0, augment: str = "none",
                 device="cpu", workers: int = 0, rank: int = 0, world_size: int = 1,
-                channels_last: bool = False) -> _IndexLoader:
+                channels_last: bool = False, with_indices: bool = False) -> _IndexLoader:
     """The loader for an image set of either kind, so that its users never ask which kind it is.
 
     ``shuffle``: ``batch_size`` images in a new order each epoch, augmented (training);
+    ``class_balanced``: as ``shuffle``, each image of a class drawn uniformly (cRT's sampling);
     ``balanced``: ``batch_size // classes`` images of every class per batch (validation batches);
     ``sequential``: every image once, in order (evaluation).
     ``workers`` processes decode file-backed sets; in-memory sets need none. ``rank`` of
     ``world_size`` processes keeps its share of every training or validation batch; with
-    ``channels_last``, batches come in channels-last memory.
+    ``channels_last``, batches come in channels-last memory. ``with_indices`` (balanced only): batches
+    are ``(x, y, indices)``, the indices of the images in the set.
     """
     if order == "shuffle":
         return TensorLoader(images, labels, batch_size, seed, augment, device, workers, rank, world_size, channels_last)
+    if order == "class_balanced":
+        return ClassBalancedLoader(images, labels, batch_size, seed, augment, device, workers, rank, world_size,
+                                   channels_last)
     if order == "balanced":
         per_class = max(1, batch_size // (int(np.max(labels)) + 1))
-        return BalancedLoader(images, labels, per_class, seed, device, workers, rank, world_size, channels_last)
+        return BalancedLoader(images, labels, per_class, seed, device, workers, rank, world_size, channels_last,
+                              with_indices)
     if order == "sequential":
         return SequentialLoader(images, labels, batch_size, device, workers)
-    raise ValueError(f"unknown loader order '{order}' (shuffle, balanced, sequential)")
+    raise ValueError(f"unknown loader order '{order}' (shuffle, class_balanced, balanced, sequential)")

@@ -1,22 +1,52 @@
-"""The meta block A and the classifier built around it: ``encoder → A → linear head``."""
+"""A, the shared meta-parameters, in its two forms, and the networks that read it.
+
+- ``MetaHead`` (``model.meta=head``, the paper's Section 4.1): the last two layers,
+  ``Linear(d, d) – activation – Linear(d, C)``. It produces the logits of W1 and W2, so their
+  classification head is learned on the balanced validation set by the top level, and their own
+  parameters are the encoders only. No BatchNorm: nothing in A depends on the batch.
+- ``MetaNeck`` (``model.meta=neck``, the ablation of our first reading): a ``Linear–BN–activation–
+  Linear`` block (d → d) between encoder and a head that every network owns and trains on its own
+  data. The BN affine weights belong to A; the running statistics are kept per *stream* (one per
+  network reading features through A), because each encoder has its own feature distribution.
+
+A network reads A through ``ReadsA``: ``A.features(h)`` are the features before the class head,
+and the class head is A's own (head form) or the network's (neck form). Where a run has no meta
+level, each network owns a module of A's shape instead, so capacities match.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mlo.errors import ConfigError
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+META_FORMS = ("head", "neck")
 
 
-class MetaBlock(nn.Module):
-    """A: ``Linear–BN–activation–Linear`` (feature → feature), shared by W1, W2 and the discriminator H.
+class MetaHead(nn.Module):
+    """A as the last two layers: ``head(activation(fc1(h)))``, the logits."""
 
-    The BN affine weights belong to A; the running statistics are kept per *stream* (one per
-    network that reads features through A), because each encoder has its own feature
-    distribution and mixing them would corrupt evaluation-mode statistics. The activation is
-    ReLU as in the paper; a smooth one keeps the finite-difference hypergradients off ReLU's kink.
-    """
+    def __init__(self, dim: int, num_classes: int, activation: str = "relu"):
+        super().__init__()
+        self.activation = ACTIVATIONS[activation]
+        self.fc1 = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def features(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
+        """``a(h)``: the first layer and its activation (the features before the class head)."""
+        return self.activation(self.fc1(h))
+
+    def forward(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
+        return self.head(self.features(h, stream))
+
+
+class MetaNeck(nn.Module):
+    """A as a feature block ``Linear–BN–activation–Linear`` (d → d), with BN statistics per stream;
+    it has no class head (``head`` is None: the network reading it owns one)."""
+
+    head = None
 
     def __init__(self, dim: int, streams: tuple[str, ...], activation: str = "relu"):
         super().__init__()
@@ -27,32 +57,59 @@ class MetaBlock(nn.Module):
         self.norms = nn.ModuleDict({s: nn.BatchNorm1d(dim, affine=False) for s in streams})
         self.fc2 = nn.Linear(dim, dim)
 
-    def forward(self, h: torch.Tensor, stream: str) -> torch.Tensor:
+    def features(self, h: torch.Tensor, stream: str) -> torch.Tensor:
         h = self.norms[stream](self.fc1(h)) * self.norm_weight + self.norm_bias
         return self.fc2(self.activation(h))
 
+    forward = features
 
-class Classifier(nn.Module):
-    """``head(A(encoder(x)))``. A is either shared (passed in by the problem) or owned (``neck``)
-    when the run has no meta level, so every classifier has the same capacity."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, stream: str, neck: MetaBlock | None = None):
+def create_meta(form: str, dim: int, num_classes: int, streams: tuple[str, ...], activation: str) -> nn.Module:
+    """A module of A's shape: ``form`` is ``model.meta`` (head or neck)."""
+    if form == "head":
+        return MetaHead(dim, num_classes, activation)
+    if form == "neck":
+        return MetaNeck(dim, streams, activation)
+    raise ConfigError(f"model.meta: unknown form '{form}' (choices: {', '.join(META_FORMS)})")
+
+
+class ReadsA(nn.Module):
+    """A network whose last layers go through A: shared (passed to ``forward`` by its level) or owned
+    (``meta``, where the run has no meta level); with a neck-form A it owns a class head ``own_head``."""
+
+    def __init__(self, stream: str, meta: nn.Module | None = None, own_head: nn.Module | None = None):
         super().__init__()
-        self.encoder = encoder
-        self.neck = neck
-        self.head = nn.Linear(encoder.out_dim, num_classes)
         self.stream = stream
+        self.meta = meta
+        self.own_head = own_head
 
-    def features(self, x: torch.Tensor, shared_neck: MetaBlock | None = None) -> torch.Tensor:
-        neck = self.neck if self.neck is not None else shared_neck
-        h = self.encoder(x)
-        return neck(h, self.stream) if neck is not None else h
+    def through_a(self, h: torch.Tensor, shared_meta: nn.Module | None) -> tuple[torch.Tensor, nn.Module | None]:
+        """``(features, class head)``: A's features of ``h`` and the head that turns them into logits."""
+        meta = self.meta if self.meta is not None else shared_meta
+        if meta is None:
+            raise ValueError(f"the {self.stream} network reads a shared A, and none was given")
+        return meta.features(h, self.stream), self.own_head if self.own_head is not None else meta.head
 
-    def forward(self, x: torch.Tensor, shared_neck: MetaBlock | None = None, with_features: bool = False):
+
+class Classifier(ReadsA):
+    """``A(encoder(x))``: the logits come out of A's head (head form) or of the classifier's own
+    linear head after A's features (neck form)."""
+
+    def __init__(self, encoder: nn.Module, stream: str, meta: nn.Module | None = None,
+                 own_head: nn.Module | None = None):
+        super().__init__(stream, meta, own_head)
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor, shared_meta: nn.Module | None = None, with_features: bool = False):
         """Logits, or ``(logits, features before the head)`` for losses that read features (ISDA)."""
-        features = self.features(x, shared_neck)
-        logits = self.head(features)
+        features, head = self.through_a(self.encoder(x), shared_meta)
+        logits = head(features)
         return (logits, features) if with_features else logits
+
+    def head_weight(self, shared_meta: nn.Module | None = None) -> torch.Tensor:
+        """The weight (C, d) of the linear layer that makes the logits."""
+        meta = self.meta if self.meta is not None else shared_meta
+        return (self.own_head if self.own_head is not None else meta.head).weight
 
 
 class WeightingNet(nn.Module):

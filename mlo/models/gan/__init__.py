@@ -11,5 +11,5 @@ from mlo.models.gan.losses import GANObjective
 @dataclass
 class GAN:
     generator: nn.Module      # G(z, y) -> images in [-1, 1]; has ``z_dim``
-    discriminator: nn.Module  # D(x, y, shared_neck) -> scores, or (scores, class logits) for an AC-GAN
+    discriminator: nn.Module  # D(x, y, shared_meta) -> scores, or (scores, class logits) for an AC-GAN
     objective: GANObjective

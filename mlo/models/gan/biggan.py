@@ -1,5 +1,5 @@
 """Class-conditional BigGAN: shared class embedding, hierarchical latent, conditional BN, spectral
-norm, and a projection discriminator whose outputs read features through the meta block A."""
+norm, and a projection discriminator whose last layers are A."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,7 @@ from mlo.models.gan import GAN
 from mlo.models.gan.arch import BOTTOM_WIDTH, D_ARCH, G_ARCH, gan_resolution
 from mlo.models.gan.layers import DBlock, GBlock, SelfAttention, snconv2d, snlinear
 from mlo.models.gan.losses import HINGE, GANObjective
-from mlo.models.heads import MetaBlock
+from mlo.models.heads import ReadsA
 from mlo.models.registry import register_model
 
 
@@ -75,33 +75,29 @@ class DiscriminatorBody(nn.Module):
         return self.proj(F.relu(x).sum(dim=(2, 3)))
 
 
-class ProjectionDiscriminator(nn.Module):
-    """H: ``ψ(A(φ(x))) + head_H(A(φ(x)))[y]`` — a projection discriminator whose adversarial and
-    class terms both read features through A (shared, or owned as ``neck`` without a meta level)."""
+class ProjectionDiscriminator(ReadsA):
+    """H: ``ψ(a(φ(x))) + A(φ(x))[y]`` — a projection discriminator whose adversarial term reads A's
+    features and whose class term is A's logit of y (head form; with a neck-form A, ψ and H's own class
+    head read A's features). A is shared, or owned (``meta``) where the run has no meta level."""
 
-    def __init__(self, body: nn.Module, num_classes: int, stream: str = "disc", neck: MetaBlock | None = None):
-        super().__init__()
+    def __init__(self, body: nn.Module, num_classes: int, stream: str = "disc", meta: nn.Module | None = None,
+                 owns_class_head: bool = False):
+        super().__init__(stream, meta, snlinear(body.out_dim, num_classes) if owns_class_head else None)
         self.body = body
-        self.neck = neck
         self.psi = snlinear(body.out_dim, 1)
-        self.class_head = snlinear(body.out_dim, num_classes)
-        self.stream = stream
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, shared_neck: MetaBlock | None = None) -> torch.Tensor:
-        h = self.body(x)
-        neck = self.neck if self.neck is not None else shared_neck
-        if neck is not None:
-            h = neck(h, self.stream)
-        return self.psi(h).squeeze(1) + self.class_head(h).gather(1, y[:, None]).squeeze(1)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, shared_meta: nn.Module | None = None) -> torch.Tensor:
+        features, head = self.through_a(self.body(x), shared_meta)
+        return self.psi(features).squeeze(1) + head(features).gather(1, y[:, None]).squeeze(1)
 
 
 @register_model("gan")
 def biggan(image_shape, num_classes: int, feature_dim: int, cfg, encoder: nn.Module | None = None,
-           neck: MetaBlock | None = None) -> GAN:
+           meta: nn.Module | None = None, owns_class_head: bool = False) -> GAN:
     """BigGAN at 8/16/32/64/128 with hinge loss; ``encoder`` replaces φ when encoders are tied."""
     channels, size, _ = image_shape
     resolution = gan_resolution(size)
     generator = Generator(resolution, channels, num_classes, cfg.gan_ch, cfg.z_dim, cfg.shared_dim)
     body = encoder if encoder is not None else DiscriminatorBody(resolution, channels, cfg.gan_ch, feature_dim)
-    discriminator = ProjectionDiscriminator(body, num_classes, neck=neck)
+    discriminator = ProjectionDiscriminator(body, num_classes, meta=meta, owns_class_head=owns_class_head)
     return GAN(generator=generator, discriminator=discriminator, objective=GANObjective(HINGE))

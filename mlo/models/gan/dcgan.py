@@ -12,7 +12,7 @@ from mlo.models.gan import GAN
 from mlo.models.gan.arch import DC_BOTTOM_WIDTH, DC_D_ARCH, DC_G_ARCH, DC_TOP_WIDTH, dcgan_resolution
 from mlo.models.gan.layers import down_block, snconv2d, snlinear, up_block
 from mlo.models.gan.losses import JS, GANObjective
-from mlo.models.heads import MetaBlock
+from mlo.models.heads import ReadsA
 from mlo.models.registry import register_model
 
 
@@ -70,38 +70,25 @@ class DCDiscriminatorBody(nn.Module):
         return self.proj(self.blocks(x).flatten(1))
 
 
-class NeckDiscriminator(nn.Module):
-    """A discriminator whose heads read its body's features through A (shared, or owned as
-    ``neck`` without a meta level), in A's stream ``stream``."""
+class ConcatDiscriminator(ReadsA):
+    """VCGAN's D: ``ψ(a(φ([x, one-hot maps of y])))``: the label enters with the image; the score reads
+    A's features (it has no class term)."""
 
-    def __init__(self, body: nn.Module, stream: str, neck: MetaBlock | None):
-        super().__init__()
+    def __init__(self, body: nn.Module, num_classes: int, stream: str = "disc", meta: nn.Module | None = None):
+        super().__init__(stream, meta)
         self.body = body
-        self.neck = neck
-        self.stream = stream
-
-    def features(self, x: torch.Tensor, shared_neck: MetaBlock | None) -> torch.Tensor:
-        h = self.body(x)
-        neck = self.neck if self.neck is not None else shared_neck
-        return neck(h, self.stream) if neck is not None else h
-
-
-class ConcatDiscriminator(NeckDiscriminator):
-    """VCGAN's D: ``ψ(A(φ([x, one-hot maps of y])))``: the label enters with the image."""
-
-    def __init__(self, body: nn.Module, num_classes: int, stream: str = "disc", neck: MetaBlock | None = None):
-        super().__init__(body, stream, neck)
         self.label = OneHot(num_classes)
         self.psi = snlinear(body.out_dim, 1)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, shared_neck: MetaBlock | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, shared_meta: nn.Module | None = None) -> torch.Tensor:
         maps = self.label(y).to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
-        return self.psi(self.features(torch.cat([x, maps], dim=1), shared_neck)).squeeze(1)
+        features, _ = self.through_a(self.body(torch.cat([x, maps], dim=1)), shared_meta)
+        return self.psi(features).squeeze(1)
 
 
 @register_model("gan")
 def vcgan(image_shape, num_classes: int, feature_dim: int, cfg, encoder: nn.Module | None = None,
-          neck: MetaBlock | None = None) -> GAN:
+          meta: nn.Module | None = None, owns_class_head: bool = False) -> GAN:
     """Vanilla conditional GAN at 8/16/32: one-hot labels concatenated to z and to D's input, JS loss."""
     if encoder is not None:
         raise ConfigError("model.tie_encoders: gan.generator=vcgan feeds the label to D's input with the image, "
@@ -110,5 +97,5 @@ def vcgan(image_shape, num_classes: int, feature_dim: int, cfg, encoder: nn.Modu
     resolution = dcgan_resolution("vcgan", size)
     generator = DCGenerator(resolution, channels, cfg.gan_ch, cfg.z_dim, OneHot(num_classes))
     body = DCDiscriminatorBody(resolution, channels + num_classes, cfg.gan_ch, feature_dim)
-    return GAN(generator=generator, discriminator=ConcatDiscriminator(body, num_classes, neck=neck),
+    return GAN(generator=generator, discriminator=ConcatDiscriminator(body, num_classes, meta=meta),
                objective=GANObjective(JS))

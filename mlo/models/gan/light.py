@@ -108,7 +108,7 @@ class PerClassDiscriminator(PerClass):
     def __init__(self, num_classes: int, ch: int, resolution: int, channels: int):
         super().__init__([LightDiscriminator(ch, resolution, channels) for _ in range(num_classes)])
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, shared_neck=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, shared_meta=None) -> torch.Tensor:
         return self.route(x, y, ())
 
 
@@ -121,7 +121,7 @@ def light_resolution(image_size: int) -> int:
 
 @register_model("gan")
 def light_per_class(image_shape, num_classes: int, feature_dim: int, cfg, encoder: nn.Module | None = None,
-                    neck=None) -> GAN:
+                    meta=None, owns_class_head: bool = False) -> GAN:
     """One light GAN per class (hinge loss); ``gan_ch`` is each GAN's width, ``z_dim`` its latent size."""
     if encoder is not None:
         raise ConfigError("model.tie_encoders: gan.generator=light_per_class has a small discriminator per class, "

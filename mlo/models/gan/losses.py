@@ -102,10 +102,19 @@ class GANObjective:
     def score(self, D: Discriminator, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._split(D(x, y))[0]
 
+    def _scores(self, D: Discriminator, x: torch.Tensor, y: torch.Tensor, n_first: int):
+        """D's outputs on ``x`` (one batch), split after the first ``n_first`` images."""
+        score, logits = self._split(D(x, y))
+        first = (score[:n_first], None if logits is None else logits[:n_first])
+        return first, (score[n_first:], None if logits is None else logits[n_first:])
+
     def discriminator_loss(self, D: Discriminator, real: torch.Tensor, y_real: torch.Tensor, fake: torch.Tensor,
                            y_fake: torch.Tensor, noise: dict[str, torch.Tensor]) -> DiscriminatorLoss:
-        real_score, real_class = self._split(D(real, y_real))
-        fake_score, fake_class = self._split(D(fake, y_fake))
+        """Real and generated images go through D as one batch, so that a layer with batch statistics
+        (a tied encoder's BatchNorm) normalises both alike and cannot tell them apart by their statistics."""
+        n = real.shape[0]
+        (real_score, real_class), (fake_score, fake_class) = self._scores(
+            D, torch.cat([real, fake.to(real.dtype)]), torch.cat([y_real, y_fake]), n)
         loss = self.adversarial.real(real_score).mean() + self.adversarial.fake(fake_score).mean()
         if self.auxiliary_classifier:
             loss = loss + F.cross_entropy(real_class, y_real) + F.cross_entropy(fake_class, y_fake)
@@ -114,12 +123,21 @@ class GANObjective:
             loss = loss + self.gp_weight * gradient_penalty(critic, real, fake, noise["gp_mix"])
         return DiscriminatorLoss(loss, real_score, fake_score)
 
-    def generator_loss(self, D: Discriminator, fake: torch.Tensor, y_fake: torch.Tensor) -> GeneratorLoss:
-        score, fake_class = self._split(D(fake, y_fake))
+    def generator_loss(self, D: Discriminator, fake: torch.Tensor, y_fake: torch.Tensor,
+                       real: torch.Tensor | None = None, y_real: torch.Tensor | None = None) -> GeneratorLoss:
+        """G's loss on D's outputs for ``fake``; with ``real``, D sees both in one batch as in its own
+        step (for a D with batch statistics), and only the fakes' outputs count."""
+        if real is None:
+            score, fake_class = self._split(D(fake, y_fake))
+        else:
+            _, (score, fake_class) = self._scores(D, torch.cat([real.to(fake.dtype), fake]),
+                                                  torch.cat([y_real, y_fake]), real.shape[0])
         per_sample = self.adversarial.generator(score)
         if self.auxiliary_classifier:
             per_sample = per_sample + F.cross_entropy(fake_class, y_fake, reduction="none")
         return GeneratorLoss(per_sample, score)
+
+
 # ----- cost reducers and regularizers ------------------------------------------------------------
 def top_k_mean(per_sample: torch.Tensor, scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mean of ``per_sample`` over the ``round(fraction · n)`` (at least one) generated images that
