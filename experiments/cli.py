@@ -81,7 +81,7 @@ def cmd_run(args) -> int:
     run = Run(cfg)
     run_dir = on_rank_zero(run, lambda: prepare_run_dir(cfg, path.name.removesuffix(".yaml")))
     if run.processes.main:
-        print(f"run directory: {run_dir}", file=sys.stderr)
+        print(f"run directory: {run_dir} ({run.describe()})", file=sys.stderr)
     return train_and_report(run, run_dir, resume=False)
 
 

@@ -41,7 +41,8 @@ from experiments.phases import build_phases
 
 CHECKPOINT, METRICS, CONFIG, LOG, SEEDS = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv", "seeds.json"
 # settings that may change between a checkpoint and its resumption without changing the run
-RESUMABLE_CHANGES = ("run.progress", "run.device", "run.checkpoint_every", "run.name", "run.out_dir", "run.sync_every")
+RESUMABLE_CHANGES = ("run.progress", "run.device", "run.checkpoint_every", "run.name", "run.out_dir", "run.sync_every",
+                     "run.threads")
 EVAL_BATCH = 500
 SAMPLES_PER_CLASS = 8
 
@@ -77,6 +78,8 @@ class Run:
         self.cfg = cfg
         self.run_dir: Path | None = None  # set by execute(); nothing is written before
         self.processes = Processes.from_environ()
+        if cfg.run.threads is not None:
+            torch.set_num_threads(cfg.run.threads)
         self.device = resolve_device(cfg.run.device, self.processes)
         if cfg.train.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
@@ -108,6 +111,11 @@ class Run:
         self.last_epoch: dict[str, dict[str, torch.Tensor]] = {}
         self.pregenerated: dict[str, torch.Tensor] | None = None  # sequential: the set generated once
         self._clock = time.perf_counter()
+
+    def describe(self) -> str:
+        """Where the run computes: device, CPU threads and processes (results depend on all three)."""
+        where = f"device {self.device}, {torch.get_num_threads()} CPU thread(s)"
+        return where + (f", {self.processes.world_size} processes" if self.processes.distributed else "")
 
     # ----- training ----------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -254,6 +262,7 @@ class Run:
     def write_seeds(self) -> None:
         seeds = {
             "run.seed": self.cfg.run.seed, "data.split_seed": self.cfg.data.split_seed,
+            "threads": torch.get_num_threads(),  # results depend on it too (the order of float sums)
             "model_init": self.cfg.run.seed,
             "levels": {name: {"noise": p.seed,
                               "loaders": [loader.seed for loader in (p.train_data_loader or [])]}

@@ -185,6 +185,9 @@ class RunConfig:
     out_dir: str = _f("runs", "where run directories are created")
     seed: int = _f(0, "seed of initialisation and of every random draw in training", min=0)
     device: str = _f("auto", "auto (CUDA if available), cpu, cuda or cuda:N")
+    threads: int | None = _f(None, "CPU threads of torch's operators (torch.set_num_threads); null: torch's choice, one "
+                                   "per core. Several jobs on one machine: give each cores / jobs, or they slow each "
+                                   "other down many times over. Same seed, thread count and device: same metrics", min=1)
     progress: bool = _f(True, "show progress bars")
     checkpoint_every: int = _f(250, "iterations between checkpoints (one is also written at the end and on "
                                     "SIGINT/SIGTERM); 0: only those", min=0)

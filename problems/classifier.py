@@ -1,6 +1,8 @@
 """W1, the initial classifier, and W2, the refined classifier trained on real plus generated images."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -168,7 +170,9 @@ class RefinedClassifierProblem(ClassifierProblem):
         return self.gen.module(self.latents(batch["z"]), classes), classes, keep, p, stats
 
     def training_step(self, batch):
-        generated, classes, keep, p, stats = self.generate(batch)
+        # W2's own step differentiates W2's weights alone: no graph through G and W1 (hops build theirs)
+        with torch.no_grad() if self._own_step else nullcontext():
+            generated, classes, keep, p, stats = self.generate(batch)
         n = batch["y"].shape[0]
         losses, features = self.per_sample_loss(torch.cat([batch["x"], generated]), torch.cat([batch["y"], classes]),
                                                 batch["progress"], real=n, with_features=True)
