@@ -35,6 +35,13 @@ from experiments.modes import Mode
 
 STREAMS = ("w1", "w2", "disc")  # networks that read A (a neck-form A keeps BN statistics per stream)
 
+# Random streams of a run by name; the number is the stream's key in the run's seed (never change one:
+# the runs made before would not be reproduced).
+SEED_KEYS = {"w1 batches": 1, "w2 batches": 2, "w2 validation batches": 3, "disc batches": 4,
+             "meta validation batches": 5, "sequential generated batches": 6, "mtl validation batches": 7,
+             "mwn validation batches": 8, "crt batches": 9, "sequential generation": 77,
+             "sequential generated order": 78, "samples": 99}
+
 
 @dataclass
 class BuildContext:
@@ -57,8 +64,9 @@ class BuildContext:
     def total_steps(self) -> int:
         return self.cfg.train.epochs * self.steps_per_epoch
 
-    def seed(self, *keys: int) -> int:
-        return derive_seed(self.cfg.run.seed, *keys)
+    def seed(self, stream: str) -> int:
+        """The seed of the named random stream (``SEED_KEYS``) of this run."""
+        return derive_seed(self.cfg.run.seed, SEED_KEYS[stream])
 
     @cached_property
     def allocator(self) -> Allocator:
@@ -186,18 +194,18 @@ class BuildContext:
                               f"processes; choose a size that makes them a multiple of {n}")
         return loader
 
-    def train_loader(self, key: int, batch_size: int | None = None, order: str = "shuffle"):
+    def train_loader(self, stream: str, batch_size: int | None = None, order: str = "shuffle"):
         d, p = self.data, self.processes
         return self.shared(make_loader(order, d.train_images, d.train_labels, batch_size or self.cfg.train.batch_size,
-                                       seed=self.seed(key), augment=self.cfg.data.augment, device=self.device,
+                                       seed=self.seed(stream), augment=self.cfg.data.augment, device=self.device,
                                        workers=self.cfg.data.num_workers, rank=p.rank, world_size=p.world_size,
                                        channels_last=self.cfg.run.channels_last),
                            "train.batch_size")
 
-    def val_loader(self, key: int, with_indices: bool = False):
+    def val_loader(self, stream: str, with_indices: bool = False):
         d, p = self.data, self.processes
         return self.shared(make_loader("balanced", d.val_images, d.val_labels, self.cfg.data.val_batch_size,
-                                       seed=self.seed(key), device=self.device, workers=self.cfg.data.num_workers,
+                                       seed=self.seed(stream), device=self.device, workers=self.cfg.data.num_workers,
                                        rank=p.rank, world_size=p.world_size, channels_last=self.cfg.run.channels_last,
                                        with_indices=with_indices),
                            "data.val_batch_size")
@@ -207,7 +215,7 @@ def build_w1(ctx: BuildContext) -> ClassifierProblem:
     module = ctx.classifier("w1")
     optimizer = ctx.classifier_optimizer(module)
     return ClassifierProblem("w1", ctx.level_config("w1"), module, optimizer, ctx.classifier_scheduler(optimizer),
-                             ctx.train_loader(1), **ctx.classifier_settings("w1"))
+                             ctx.train_loader("w1 batches"), **ctx.classifier_settings("w1"))
 
 
 def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
@@ -216,7 +224,8 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
     optimizer = ctx.classifier_optimizer(module)
     return RefinedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader(2), ctx.val_loader(3, with_indices=True)), allocator=ctx.allocator, keep_form=t.keep_weights,
+        (ctx.train_loader("w2 batches"), ctx.val_loader("w2 validation batches", with_indices=True)),
+        allocator=ctx.allocator, keep_form=t.keep_weights,
         train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
         truncation=None if ctx.cfg.gan.learn_truncation else ctx.cfg.gan.truncation,
@@ -229,7 +238,7 @@ def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
     # the second loader is replaced by the generated set when W2's phase starts
     return PregeneratedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader(2), ctx.train_loader(6)), lambda_gen=ctx.cfg.train.lambda_gen,
+        (ctx.train_loader("w2 batches"), ctx.train_loader("sequential generated batches")), lambda_gen=ctx.cfg.train.lambda_gen,
         gen_per_step=ctx.gen_per_step, **ctx.classifier_settings("w2"))
 
 
@@ -240,7 +249,7 @@ def build_crt(ctx: BuildContext) -> RetrainedHeadProblem:
     head = [p for name, p in module.named_parameters() if not name.startswith("encoder.")]
     optimizer = ctx.classifier_optimizer(nn.ParameterList(head))
     return RetrainedHeadProblem("w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-                                ctx.train_loader(9, order="class_balanced"), **ctx.classifier_settings("w2"))
+                                ctx.train_loader("crt batches", order="class_balanced"), **ctx.classifier_settings("w2"))
 
 
 def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> DiscriminatorProblem:
@@ -255,7 +264,7 @@ def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> Disc
     module = ctx.gan.discriminator
     return DiscriminatorProblem(
         "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, g.d_lr),
-        train_data_loader=ctx.train_loader(4, batch_size=batch * g.coreset_factor), objective=objective,
+        train_data_loader=ctx.train_loader("disc batches", batch_size=batch * g.coreset_factor), objective=objective,
         diffaugment_policy=parse_policy(g.diffaugment), batch_size=ctx.batch_share, lecam_weight=g.lecam_weight,
         lecam_decay=g.lecam_decay, **ctx.common("disc"))
 
@@ -278,7 +287,8 @@ def build_gen_mtl(ctx: BuildContext) -> MultiTaskGeneratorProblem:
     module = ctx.gan.generator
     return MultiTaskGeneratorProblem(
         "gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
-        train_data_loader=ctx.val_loader(7, with_indices=True), classifier_weight=ctx.cfg.train.mtl_weight, **_generator_settings(ctx))
+        train_data_loader=ctx.val_loader("mtl validation batches", with_indices=True),
+        classifier_weight=ctx.cfg.train.mtl_weight, **_generator_settings(ctx))
 
 
 def build_trunc(ctx: BuildContext) -> TruncationProblem:
@@ -293,7 +303,8 @@ def build_meta(ctx: BuildContext) -> MetaProblem:
     module = ctx.meta_module
     optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.meta_lr, fused=True)
     return MetaProblem("meta", ctx.level_config("meta", retain_graph=True), module, optimizer,
-                       train_data_loader=ctx.val_loader(5), gamma=ctx.cfg.train.gamma, **ctx.common("meta"))
+                       train_data_loader=ctx.val_loader("meta validation batches"), gamma=ctx.cfg.train.gamma,
+                       **ctx.common("meta"))
 
 
 # ----- adversarial (worst-case) generation ----------------------------------------------------------
@@ -307,7 +318,7 @@ def build_adversarial_classifier(ctx: BuildContext) -> AdversarialClassifierProb
     module = ctx.classifier("w2")
     optimizer = ctx.classifier_optimizer(module)
     return AdversarialClassifierProblem(
-        "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer), ctx.train_loader(2),
+        "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer), ctx.train_loader("w2 batches"),
         num_classes=ctx.num_classes, gen_per_step=ctx.gen_per_step, lambda_gen=t.lambda_gen,
         decov_weight=t.decov_weight, **ctx.classifier_settings("w2"))
 
@@ -329,7 +340,7 @@ def build_w1_mwn(ctx: BuildContext) -> MetaWeightedClassifierProblem:
     optimizer = ctx.classifier_optimizer(module)
     # exact hops: W's loss feeds V the detached loss values, which finite differences of W would move
     return MetaWeightedClassifierProblem("w1", ctx.level_config("w1", hypergradient="exact"), module, optimizer,
-                                         ctx.classifier_scheduler(optimizer), ctx.train_loader(1),
+                                         ctx.classifier_scheduler(optimizer), ctx.train_loader("w1 batches"),
                                          **ctx.classifier_settings("w1"))
 
 
@@ -337,7 +348,7 @@ def build_mwn(ctx: BuildContext) -> WeightingNetProblem:
     module = WeightingNet(ctx.cfg.train.mwn_hidden)
     optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.mwn_lr, fused=True)
     return WeightingNetProblem("mwn", ctx.level_config("mwn", retain_graph=True), module, optimizer,
-                               train_data_loader=ctx.val_loader(8), **ctx.common("mwn"))
+                               train_data_loader=ctx.val_loader("mwn validation batches"), **ctx.common("mwn"))
 
 
 LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "crt": build_crt, "w2_pregenerated": build_w2_pregenerated, "disc": build_disc,

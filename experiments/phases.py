@@ -55,7 +55,7 @@ def pregenerate(run) -> None:
     stats.train_counts = torch.as_tensor(data.train_counts, dtype=torch.float, device=device)
     p = ctx.allocator(stats)
     count = ctx.allocator.images_per_epoch(data.train_counts, stats)
-    noise = torch.Generator(device=device).manual_seed(ctx.seed(77))
+    noise = torch.Generator(device=device).manual_seed(ctx.seed("sequential generation"))
     classes = sample_classes(p, uniform_noise((count, data.num_classes), noise, device))
     tau = run.cfg.gan.truncation
 
@@ -64,6 +64,6 @@ def pregenerate(run) -> None:
         return z if tau is None else truncate(z, tau)
 
     images = torch.cat([ema(latents(len(c)), c) for c in classes.split(GENERATION_CHUNK)])
-    w2.set_generated(to_uint8(images), classes, seed=ctx.seed(78))
+    w2.set_generated(to_uint8(images), classes, seed=ctx.seed("sequential generated order"))
     run.pregenerated = {"generated": torch.bincount(classes, minlength=data.num_classes).float(), "allocation": p}
     run.engine.train()

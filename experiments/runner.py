@@ -267,7 +267,7 @@ class Run:
             "levels": {name: {"noise": p.seed,
                               "loaders": [loader.seed for loader in (p.train_data_loader or [])]}
                        for name, p in self.levels.items()},
-            "samples": self.ctx.seed(99),
+            "samples": self.ctx.seed("samples"),
         }
         if self.processes.distributed:
             seeds["processes"] = self.processes.world_size
@@ -364,7 +364,7 @@ class Run:
     @torch.no_grad()
     def samples(self) -> torch.Tensor:
         ema = self.levels["gen"].ema.module.eval()
-        gen = torch.Generator(device=self.device).manual_seed(self.ctx.seed(99))
+        gen = torch.Generator(device=self.device).manual_seed(self.ctx.seed("samples"))
         classes = torch.arange(self.data.num_classes, device=self.device).repeat_interleave(SAMPLES_PER_CLASS)
         z = torch.randn(len(classes), ema.z_dim, generator=gen, device=self.device)
         return ema(z, classes).cpu()

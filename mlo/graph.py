@@ -2,8 +2,9 @@
 
 Edges follow Betty: ``l2u[lower]`` lists the levels whose training loss reads ``lower``'s parameters
 (so they depend on its solution, and step after it); ``u2l[upper]`` lists the levels whose training
-loss reads ``upper``'s parameters, where its hypergradient paths end (``mlo.hypergradient``). Levels that are never an ``l2u`` value are leaves, stepped every iteration; an upper
-level steps once all its children (or those in its ``ready_on``) finished ``unroll_steps`` steps.
+loss reads ``upper``'s parameters, where its hypergradient paths end (``mlo.hypergradient``). Levels
+that are never an ``l2u`` value are leaves, stepped every iteration; an upper level steps once all its
+children (or those in its ``ready_on``) finished ``unroll_steps`` steps.
 """
 from __future__ import annotations
 

@@ -95,8 +95,9 @@ class RefinedClassifierProblem(ClassifierProblem):
     ``p(s)`` comes from the allocator applied to W1's per-class loss on the validation set: the
     current class-balanced validation batch (differentiable, so b_m carries gradients to W1 and A)
     and the rest of the set as W1 last scored it (``ValidationMemory``, updated after each own step,
-    before the next); o_m, δ_m and the Gumbel noise are drawn in ``prepare_batch``. The latents are truncated at the τ of a ``trunc`` level (learned)
-    or at ``truncation`` (fixed), if either is given; ``decov_weight`` adds the DeCov penalty of
+    before the next); o_m, δ_m and the Gumbel noise are drawn in ``prepare_batch``. The latents are
+    truncated at the τ of a ``trunc`` level (learned) or at ``truncation`` (fixed), if either is given;
+    ``keep_form`` is the form of b_m (``mlo.budget.keep_weights``); ``decov_weight`` adds the DeCov penalty of
     W2's features of the generated images.
     """
 

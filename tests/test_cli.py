@@ -121,7 +121,12 @@ def test_bench_times_both_modes(capsys):
     assert lines[0].startswith("dataset digits, encoder small_cnn") and "fp32, channels_last false" in lines[0]
     rows = {line.split()[0]: float(line.split()[1]) for line in lines[2:4]}
     assert set(rows) == {"vanilla", "end2end"} and all(s > 0 for s in rows.values())
-    assert lines[-1].startswith("end2end / vanilla = ")
+    assert lines[4].startswith("end2end / vanilla = ")
+    # the breakdown: end2end's steps and hops, and its passes per iteration (A and G step every 2 iterations)
+    breakdown = "\n".join(lines[5:])
+    assert "step w2" in breakdown and "hop w2" in breakdown and "hop disc" in breakdown
+    passes = lines[-1].split("forward passes per iteration: ")[1]
+    assert "gen 4.00" in passes and "hops 4.00" in passes  # 4 exact hops of 2 backward passes each, per 2 iterations
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
