@@ -256,7 +256,7 @@ def cmd_compare(args) -> int:
             raise UserError(f"{key} is set per run by compare (--modes, --seeds, --name); remove the override")
     root = Path(cfg.run.out_dir).expanduser() / (args.name or f"compare-{path.name.removesuffix('.yaml')}")
     try:
-        summary = compare(path, overrides, variants, seeds, root)
+        compare(path, overrides, variants, seeds, root)
     except TrainingStopped as exc:
         print(f"needsgen: {exc}; rerun the same compare command to continue the comparison", file=sys.stderr)
         return exc.exit_code

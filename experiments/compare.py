@@ -25,7 +25,7 @@ from mlo.config import config_diff, from_dict, load_config
 from mlo.data import SHOT_RULE
 from mlo.errors import ConfigError, UserError
 from mlo.report import markdown_table
-from experiments.modes import MODES
+from experiments.modes import MODES, resolve_mode
 from experiments.runner import CHECKPOINT, CONFIG, METRICS, RESUMABLE_CHANGES, Run, prepare_run_dir
 
 METRIC_COLUMNS = [("top1", "Top-1 %", 100), ("many", "Many %", 100), ("medium", "Medium %", 100),
@@ -254,8 +254,23 @@ def write_outputs(root: Path, variants: list[Variant], seeds: list[int], results
     return {**summary, "allocation_spearman": rho}
 
 
+def check_variants(config_path: Path | None, overrides: list[str], variants: list[Variant]) -> None:
+    """Resolve and validate every variant's config and mode before the first run trains: a bad variant
+    is refused at once, not after the ones before it have trained."""
+    for v in variants:
+        try:
+            resolve_mode(load_config(config_path, [*overrides, *v.overrides]))
+        except ConfigError as exc:
+            raise ConfigError(f"--modes: variant '{v.label}': {exc}") from None
+
+
 def compare(config_path: Path | None, overrides: list[str], variants: list[Variant], seeds: list[int],
             root: Path, log=lambda msg: print(msg, file=sys.stderr)) -> dict:
+    import torch
+
+    check_variants(config_path, overrides, variants)
+    threads = load_config(config_path, overrides).run.threads or torch.get_num_threads()
+    log(f"{len(variants)} variant(s) x {len(seeds)} seed(s), one after another, {threads} CPU thread(s) each")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -77,15 +77,26 @@ def read_torch_file(path: str | Path, map_location="cpu") -> Any:
         raise UnreadableFile((str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]) from None
 
 
+def _unreadable(path: Path) -> bool:
+    try:
+        read_torch_file(path)
+    except UnreadableFile:
+        return True
+    return False
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
         return read_torch_file(path, map_location)
-    except UnreadableFile as exc:
-        reason = str(exc)
+    except UnreadableFile:
         previous = previous_path(path)
-        keep = (f"; the previous checkpoint '{previous}' is kept: move it over '{path.name}' to resume from it"
-                if previous.is_file() else "; delete it to start over")
-        raise UserError(f"checkpoint '{path}' is truncated or corrupted ({reason}){keep}") from None
+        if previous.is_file() and not _unreadable(previous):
+            advice = f"the previous one, '{previous.name}', is readable: move it over '{path.name}' to resume from it"
+        elif previous.is_file():
+            advice = f"'{previous.name}' is damaged too: delete the run directory to start over"
+        else:
+            advice = "delete the run directory to start over"
+        raise UserError(f"checkpoint '{path}' is truncated or corrupted; {advice}") from None

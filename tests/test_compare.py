@@ -71,9 +71,13 @@ def test_rerun_reuses_finished_runs(comparison, capsys, monkeypatch):
     (["--modes", "vanilla,vanilla"], "give distinct variants"),
     (["--modes", "vanilla", "--seeds", "0,x"], "--seeds: expected comma-separated integers"),
     (["--modes", "vanilla", "seed=3"], "run.seed is set per run by compare"),
+    # every variant is checked before the first run trains
+    (["--modes", "vanilla,end2end:allocator=foo"], "variant 'end2end:allocator=foo': train.allocator: unknown value"),
+    (["--modes", "vanilla,sequential:posthoc=crt"], "variant 'sequential:posthoc=crt': train.posthoc=crt"),
 ])
 def test_bad_compare_input(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["compare", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.json"))  # nothing trained

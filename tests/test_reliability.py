@@ -221,7 +221,16 @@ def test_corrupted_checkpoint_is_named_and_the_previous_one_kept(short_run, caps
     code = main(["run", "--resume", str(short_run)])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and f"checkpoint '{ckpt}' is truncated or corrupted" in err
-    assert "checkpoint.pt.prev' is kept" in err and previous.read_bytes() == prev_bytes
+    assert "'checkpoint.pt.prev', is readable: move it over" in err and previous.read_bytes() == prev_bytes
+    assert len(err) < 300  # one line of ours, not torch's text
+
+
+def test_advice_when_both_checkpoints_are_damaged(short_run, capsys):
+    for name in ("checkpoint.pt", "checkpoint.pt.prev"):
+        (short_run / name).write_bytes(b"not a checkpoint" * 100)
+    assert main(["run", "--resume", str(short_run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'checkpoint.pt.prev' is damaged too" in err and "move it over" not in err
 
 
 def test_resume_with_a_different_config_is_refused_listing_the_keys(short_run, capsys):
