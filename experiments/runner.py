@@ -32,17 +32,18 @@ from mlo.distributed import Processes, average_, barrier, gather_objects, sum_
 from mlo.errors import ConfigError, NumericalFault, TrainingStopped, UserError
 from mlo.graph import build_engine
 from mlo.metrics import classification_metrics, per_class_accuracy, predict
-from mlo.report import (TABLE3_HEADER, markdown_table, per_class_rows, plot_allocation, plot_per_class_accuracy,
-                        save_sample_grid, text_table)
+from mlo.report import (TABLE3_HEADER, markdown_table, per_class_rows, plot_allocation, plot_allocation_over_time,
+                        plot_per_class_accuracy, save_sample_grid)
 from mlo.trainer import Phase, StopRequest, Trainer, stop_on_signals
 from experiments.levels import BuildContext, build_levels
 from experiments.modes import resolve_mode
 from experiments.phases import build_phases
 
 CHECKPOINT, METRICS, CONFIG, LOG, SEEDS = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv", "seeds.json"
+ALLOCATION_LOG, TENSORBOARD = "allocation_log.csv", "tensorboard"
 # settings that may change between a checkpoint and its resumption without changing the run
 RESUMABLE_CHANGES = ("run.progress", "run.device", "run.checkpoint_every", "run.name", "run.out_dir", "run.sync_every",
-                     "run.threads")
+                     "run.threads", "run.tensorboard")
 EVAL_BATCH = 500
 SAMPLES_PER_CLASS = 8
 
@@ -110,6 +111,13 @@ class Run:
         self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
         self.last_epoch: dict[str, dict[str, torch.Tensor]] = {}
         self.pregenerated: dict[str, torch.Tensor] | None = None  # sequential: the set generated once
+        self.tensorboard = None  # a SummaryWriter in run_dir/tensorboard, with run.tensorboard, on rank 0
+        if cfg.run.tensorboard:
+            try:
+                import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+            except ImportError:
+                raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install tensorboard "
+                                  "(or the project's [tensorboard] extra)") from None
         self._clock = time.perf_counter()
 
     def describe(self) -> str:
@@ -161,8 +169,10 @@ class Run:
             return {}
         row = {"phase": phase.name, "epoch": epoch, "global_step": self.engine.global_step,
                "seconds": round(self.elapsed, 2)}
-        for name, problem in self.classifiers().items():
-            row[f"{name}_val_acc"] = round(float(self.accuracy(problem, self.data.val_images, self.data.val_labels).mean()), 4)
+        val_acc = {name: self.accuracy(problem, self.data.val_images, self.data.val_labels)
+                   for name, problem in self.classifiers().items()}
+        for name, acc in val_acc.items():
+            row[f"{name}_val_acc"] = round(float(acc.mean()), 4)
         for name, rec in self.last_epoch.items():
             if "steps" in rec:
                 row[f"{name}_loss"] = round(float(rec["loss"] / rec["steps"]), 4)
@@ -170,27 +180,49 @@ class Run:
                 row.update({f"{name}_{k}": round(float(v / rec["steps"]), 4) for k, v in rec.items()
                             if k not in ("loss", "steps") and v.dim() == 0})
         generated = self.allocation_summary()
+        per_class = []
         if generated is not None:
             row["generated"] = round(float(generated["generated"].sum()), 1)
             w2 = self.levels["w2"]
             if hasattr(w2, "temperatures"):
                 row["temperature"] = round(temperature(w2.count / max(1, w2.total_steps), *w2.temperatures), 4)
-        self._append_log(row)
+            per_class = [{"phase": phase.name, "epoch": epoch, "global_step": self.engine.global_step, "class": c,
+                          "real_images": n, "p": round(float(p), 5), "generated": round(float(g), 2),
+                          "w1_val_acc": round(float(a), 4)}
+                         for c, n, p, g, a in zip(self.data.classes, self.data.train_counts,
+                                                  generated["allocation"].cpu(), generated["generated"].cpu(),
+                                                  val_acc["w1"])]
+        self._append_log(LOG, [row])
+        if per_class:
+            self._append_log(ALLOCATION_LOG, per_class)
+        if self.tensorboard is not None:
+            self.write_scalars(row, per_class)
         return {k: v for k, v in row.items() if k.endswith("val_acc")}
 
-    def _read_log(self) -> list[dict]:
-        path = self.run_dir / LOG
+    def write_scalars(self, row: dict, per_class: list[dict]) -> None:
+        """The epoch's row as TensorBoard scalars (losses, validation accuracies, temperature) and, per
+        class, p(s), generated images and W1's validation accuracy."""
+        step = row["global_step"]
+        for key, value in row.items():
+            if key not in ("phase", "epoch", "global_step", "seconds"):
+                self.tensorboard.add_scalar(key.replace("_", "/", 1), float(value), step)
+        for key in ("p", "generated", "w1_val_acc"):
+            self.tensorboard.add_scalars(f"per_class/{key}", {str(r["class"]): r[key] for r in per_class}, step)
+        self.tensorboard.flush()
+
+    def _read_log(self, name: str) -> list[dict]:
+        path = self.run_dir / name
         return list(csv.DictReader(path.open())) if path.exists() else []
 
-    def _write_log(self, rows: list[dict]) -> None:
+    def _write_log(self, name: str, rows: list[dict]) -> None:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write(self.run_dir / LOG, lambda f: f.write(out.getvalue().encode()))
+        atomic_write(self.run_dir / name, lambda f: f.write(out.getvalue().encode()))
 
-    def _append_log(self, row: dict) -> None:
-        self._write_log(self._read_log() + [{k: str(v) for k, v in row.items()}])
+    def _append_log(self, name: str, rows: list[dict]) -> None:
+        self._write_log(name, self._read_log(name) + [{k: str(v) for k, v in row.items()} for row in rows])
 
     # ----- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -257,7 +289,10 @@ class Run:
         np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"]))
         random.setstate((3, tuple(rng["python"]), None))
         if self.processes.main:  # epochs logged after the checkpoint will be trained and logged again
-            self._write_log([r for r in self._read_log() if int(r["global_step"]) <= self.engine.global_step])
+            for name in (LOG, ALLOCATION_LOG):
+                if (self.run_dir / name).exists():
+                    self._write_log(name, [r for r in self._read_log(name)
+                                           if int(r["global_step"]) <= self.engine.global_step])
 
     def write_seeds(self) -> None:
         seeds = {
@@ -334,6 +369,8 @@ class Run:
             plot_allocation(d / "allocation.png", metrics["classes"], metrics["generated_per_class"],
                             metrics["w1_val_acc_per_class"])
             save_sample_grid(d / "samples.png", self.samples(), nrow=SAMPLES_PER_CLASS)
+        if (d / ALLOCATION_LOG).exists():
+            plot_allocation_over_time(d / "allocation_over_time.png", self._read_log(ALLOCATION_LOG))
         summary = ["| | top-1 % | Many % | Medium % | Few % | ECE | per-class std |", "|---|---|---|---|---|---|---|"]
         for label, m in (("before (W1)", metrics["before"]), ("after (W2)" if metrics["before"] else "W", metrics["after"])):
             if m:
@@ -380,9 +417,13 @@ class Run:
         if resume:
             self.load_checkpoint()
         elif self.processes.main:
-            (self.run_dir / LOG).unlink(missing_ok=True)  # from a run killed before its first checkpoint
+            for name in (LOG, ALLOCATION_LOG):  # from a run killed before its first checkpoint
+                (self.run_dir / name).unlink(missing_ok=True)
         if self.processes.main:
             self.write_seeds()
+            if self.cfg.run.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(str(self.run_dir / TENSORBOARD), purge_step=self.engine.global_step + 1)
         self._clock = time.perf_counter()
         with stop_on_signals(self.stop, second_interrupts=not self.processes.distributed):
             finished = self.trainer.run()
@@ -403,6 +444,8 @@ class Run:
     def close(self) -> None:
         """Under torchrun, wait for every process (rank 0 evaluates and writes last), then leave the
         process group."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.processes.distributed:
             barrier()
         self.engine.cleanup()

@@ -191,6 +191,9 @@ class RunConfig:
     progress: bool = _f(True, "show progress bars")
     checkpoint_every: int = _f(250, "iterations between checkpoints (one is also written at the end and on "
                                     "SIGINT/SIGTERM); 0: only those", min=0)
+    tensorboard: bool = _f(False, "also write the epoch's losses, validation accuracies, Gumbel temperature and, per "
+                                  "class, p(s), generated images and W1's validation accuracy as TensorBoard scalars "
+                                  "in RUN_DIR/tensorboard (needs the tensorboard package)")
     channels_last: bool = _f(False, "keep images, activations and convolution weights in channels-last (NHWC) "
                                     "memory: faster convolutions on GPUs with tensor cores, with bf16/fp16")
     compile: str = _f("none", "torch.compile the levels' networks with this backend: inductor (generates kernels; "

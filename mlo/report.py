@@ -70,6 +70,27 @@ def plot_allocation(path: Path, classes, generated, val_acc) -> None:
     plt.close(fig)
 
 
+def plot_allocation_over_time(path: Path, rows: list[dict]) -> None:
+    """Per class, over epochs: generated images (Σ b_m of the epoch) beside W1's validation accuracy
+    (rows of ``allocation_log.csv``): how the budget follows the classes W1 gets wrong as it learns."""
+    plt = _pyplot()
+    classes = list(dict.fromkeys(r["class"] for r in rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for c in classes:
+        mine = [r for r in rows if r["class"] == c]
+        x = [int(r["global_step"]) for r in mine]
+        line, = left.plot(x, [float(r["generated"]) for r in mine], label=f"{c} ({mine[0]['real_images']})")
+        right.plot(x, [100 * float(r["w1_val_acc"]) for r in mine], color=line.get_color())
+    left.set_ylabel("generated images in the epoch")
+    right.set_ylabel("W1 validation accuracy %")
+    for ax in (left, right):
+        ax.set_xlabel("iteration")
+    left.legend(fontsize=6, ncol=2, title="class (real images)", title_fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def save_sample_grid(path: Path, images, nrow: int) -> None:
     """Images in [-1, 1], one row per class; small images are enlarged to at least 32 pixels."""
     import torch.nn.functional as F

@@ -36,7 +36,7 @@ def test_console_script_is_declared():
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cli")
-    result = needsgen("run", *SHORT, cwd=cwd)
+    result = needsgen("run", *SHORT, "tensorboard=true", cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     return cwd / "runs" / "digits_lt-end2end-seed0", result
 
@@ -72,7 +72,29 @@ def test_run_directory_contents(finished_run):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert set(state["levels"]) == {"disc", "w1", "gen", "w2", "meta"}
+    assert json.loads((run_dir / "seeds.json").read_text())["threads"] == torch.get_num_threads()
     assert (run_dir / "config.yaml").read_text().count("epochs: 2") == 1
+
+
+def test_allocation_is_logged_every_epoch_with_a_plot_and_tensorboard_scalars(finished_run):
+    """p(s), generated images and W1's validation accuracy per class and epoch: a CSV, a plot, TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, result = finished_run
+    rows = list(csv.DictReader((run_dir / "allocation_log.csv").open()))
+    assert len(rows) == 2 * 10 and [int(r["epoch"]) for r in rows[::10]] == [1, 2]
+    for epoch in ("1", "2"):
+        mine = [r for r in rows if r["epoch"] == epoch]
+        assert abs(sum(float(r["p"]) for r in mine) - 1) < 1e-3 and sum(float(r["generated"]) for r in mine) > 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [float(r["generated"]) for r in rows[10:]] == pytest.approx(metrics["generated_per_class"], abs=0.1)
+    assert (run_dir / "allocation_over_time.png").read_bytes()[:4] == b"\x89PNG"
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert {"w1/val_acc", "w2/loss", "temperature"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("w1/val_acc")) == 2
+    per_class_p = sorted(d.name for d in (run_dir / "tensorboard").glob("per_class_p_*"))  # one run per class
+    assert per_class_p == [f"per_class_p_{c}" for c in sorted(map(str, range(10)))]
+    assert "CPU thread(s)" in result.stderr.splitlines()[0]
 
 
 def test_second_default_run_gets_a_new_directory(finished_run, tmp_path):
