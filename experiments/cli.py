@@ -7,8 +7,8 @@ from importlib import resources
 from pathlib import Path
 
 from experiments.modes import MODES
-from mlo.config import Config, config_diff, from_dict, help_text, load_config, parse_override, validate
-from mlo.errors import UserError
+from mlo.config import Config, config_diff, from_dict, help_text, load_config, parse_override, resolve_key, validate
+from mlo.errors import ConfigError, UserError
 
 DEFAULT_CONFIG = "digits_lt"
 
@@ -28,7 +28,13 @@ def resolve_config_path(name: str | None) -> Path:
     key = path.name.removesuffix(".yaml")
     if key in shipped and path.parent == Path("."):
         return shipped[key]
-    raise UserError(f"config '{name}' is neither a file nor a shipped config ({', '.join(sorted(shipped))})")
+    hint = ""
+    try:
+        resolve_key(name)
+        hint = f"; '{name}' is a config key: give it a value, {name}=VALUE"
+    except ConfigError:
+        pass
+    raise UserError(f"config '{name}' is neither a file nor a shipped config ({', '.join(sorted(shipped))}){hint}")
 
 
 def split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -71,15 +77,18 @@ def read_run_config(run_dir: Path) -> Config:
 
 
 def cmd_run(args) -> int:
-    from experiments.runner import Run, prepare_run_dir
-
     config_arg, overrides = split_args(args.items)
     if args.resume:
         return resume_run(Path(args.resume), config_arg, overrides)
     path = resolve_config_path(config_arg)
     cfg = load_config(path, overrides)
+    from experiments.runner import Run, prepare_run_dir  # torch: after the command line and config are read
+
     run = Run(cfg)
-    run_dir = on_rank_zero(run, lambda: prepare_run_dir(cfg, path.name.removesuffix(".yaml")))
+    name = path.name.removesuffix(".yaml")
+    if cfg.data.dataset != load_config(path).data.dataset:  # overridden: the run directory says on what it ran
+        name += f"-{cfg.data.dataset}"
+    run_dir = on_rank_zero(run, lambda: prepare_run_dir(cfg, name))
     if run.processes.main:
         print(f"run directory: {run_dir} ({run.describe()})", file=sys.stderr)
     return train_and_report(run, run_dir, resume=False)
@@ -265,7 +274,9 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(run_help: Config | None = None) -> argparse.ArgumentParser:
+    """The command line; ``run_help``: the config whose values ``needsgen run --help`` lists (its own
+    help is only built when asked for: it imports the model registries)."""
     parser = argparse.ArgumentParser(
         prog="needsgen", description="Needs-aware image generation on a long-tailed dataset, trained end to end on Betty.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -277,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a mode on a long-tailed dataset, evaluate W1 (before) and W2 (after) on the test "
                     "split, and write a run directory.",
         epilog=f"CONFIG is a YAML file or a shipped config ({configs}); default {DEFAULT_CONFIG}.\n"
-               f"Overrides are key=value with section.key or the bare key:\n\n{help_text()}")
+               f"Overrides are key=value with section.key or the bare key; the values below are those of "
+               f"the config given (and its overrides):\n\n{help_text(run_help)}" if run_help else None)
     run.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     run.set_defaults(func=cmd_run)
@@ -346,13 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def help_config(argv: list[str]) -> Config | None:
+    """For ``needsgen run [CONFIG] [key=value ...] --help``: that config with its overrides (the default
+    config without one); None for anything else."""
+    if argv[:1] != ["run"] or not {"-h", "--help"} & set(argv):
+        return None
+    config_arg, overrides = split_args([a for a in argv[1:] if not a.startswith("-")])
+    return load_config(resolve_config_path(config_arg), overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["bench"]:
             from experiments.bench.speed import main as bench_main
             return bench_main(argv[1:])
-        parser = build_parser()
+        parser = build_parser(run_help=help_config(argv))
         # argparse takes one run of positionals; a config or overrides after the options are welcome too
         args, extra = parser.parse_known_args(argv)
         if extra:

@@ -82,7 +82,8 @@ class ModelConfig:
 class GANConfig:
     generator: str = _f("biggan", "class-conditional GAN, by registered name: biggan (hinge loss), vcgan "
                                   "(label concatenated to z and D's input, JS loss), acgan (auxiliary classifier), "
-                                  "wacgan_gp (AC-GAN with Wasserstein loss and gradient penalty)")
+                                  "wacgan_gp (AC-GAN with Wasserstein loss and gradient penalty), light_per_class "
+                                  "(one small GAN per class)")
     gan_ch: int = _f(32, "GAN channel multiplier (BigGAN's ch)", min=1)
     z_dim: int = _f(32, "latent size, split into one chunk per generator block (hierarchical z)", min=1)
     shared_dim: int = _f(32, "size of the shared class embedding of the generator", min=1)
@@ -111,8 +112,9 @@ class GANConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = _f("end2end", "what to train: end2end (the method), sequential, separate, mtl, vanilla, "
-                              "adversarial (worst-case generation against critic and classifier)")
+    mode: str = _f("end2end", "what to train: end2end (the method), sequential, separate, mtl, vanilla, vanilla_meta "
+                              "(vanilla with A learned on the validation set), adversarial (worst-case generation "
+                              "against critic and classifier)")
     epochs: int = _f(30, "passes over the long-tailed training set", min=1)
     batch_size: int = _f(64, "real images per step", min=1)
     optimizer: str = _f("adam", "classifier optimizer", choices=("adam", "sgd"))
@@ -422,15 +424,34 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.name: must be a plain folder name, got '{cfg.run.name}'")
 
 
-def help_text() -> str:
-    """Every key with its default and help, for ``needsgen run --help``."""
+def registry_choices() -> dict[str, list[str]]:
+    """The names each registry-backed key accepts (imports the registries, and with them torch)."""
+    from mlo.budget import ALLOCATORS
+    from mlo.data.sources import SOURCES
+    from mlo.losses import LOSSES
+    from mlo.models import list_models
+    from mlo.models.gan.diffaugment import POLICIES
+
+    return {"data.dataset": sorted(SOURCES), "model.encoder": list_models("encoder"), "gan.generator": list_models("gan"),
+            "train.allocator": sorted(ALLOCATORS), "train.loss": sorted(LOSSES),
+            "gan.diffaugment": ["none", *POLICIES, "a comma-separated list of them"]}
+
+
+def help_text(cfg: Config | None = None) -> str:
+    """Every key with its value in ``cfg`` (the built-in defaults without one), its help and its choices,
+    for ``needsgen run [CONFIG] --help``."""
+    cfg = cfg or Config()
+    registries = registry_choices()
     lines = []
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {section}.{f.name}={yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
-                         f"  {f.metadata['help']}")
+            value = getattr(getattr(cfg, section), f.name)
+            key = f"{section}.{f.name}"
+            choices = registries.get(key) or f.metadata.get("choices")
+            text = f.metadata["help"] + (f" [choices: {', '.join(choices)}]" if choices else "")
+            lines.append(f"  {key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                         f"  {text}")
     return "\n".join(lines)
 
 

@@ -155,3 +155,33 @@ def test_bench_times_both_modes(capsys):
 def test_bench_sync_check_needs_cuda(capsys):
     assert main(["bench", "--check-syncs"]) == 2
     assert "--check-syncs needs a CUDA device" in capsys.readouterr().err
+
+
+def test_run_help_lists_the_chosen_configs_values_and_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "fmnist_lt_cpu", "lr=0.01", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "gan.gan_ch=8 " in out and "train.lr=0.01 " in out and "data.dataset=fmnist " in out
+    generator = next(line for line in out.splitlines() if line.strip().startswith("gan.generator="))
+    assert all(name in generator for name in ("acgan", "biggan", "light_per_class", "vcgan", "wacgan_gp"))
+    assert "train.optimizer=adam" in out and "[choices: adam, sgd]" in out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "gan.gan_ch=16 " in capsys.readouterr().out  # the default config's, not the built-in default 32
+
+
+def test_bad_keys_answer_before_torch_is_imported(tmp_path):
+    """A mistyped key or value is refused before torch loads (well under a second on this machine)."""
+    code = ("import sys, time; from experiments.cli import main; start = time.perf_counter(); "
+            "rc = main(['run', 'epochz=3']); print(rc, 'torch' in sys.modules, time.perf_counter() - start)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60).stdout.split()
+    assert out[0] == "2" and out[1] == "False" and float(out[2]) < 1.0, out
+
+
+def test_a_run_on_another_dataset_is_named_after_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "mode=vanilla", "dataset=synthetic", "epochs=1", "width=4", "progress=false",
+                 "n_max=20", "val_per_class=2", "test_per_class=2"]) in (0,)
+    assert (tmp_path / "runs" / "digits_lt-synthetic-vanilla-seed0" / "metrics.json").is_file()
