@@ -18,7 +18,7 @@ from mlo.data.loaders import derive_seed, make_loader
 from mlo.distributed import Processes
 from mlo.errors import ConfigError
 from mlo.losses import ClassificationLoss, create_loss
-from mlo.models import Classifier, create_meta, create_model, has_batch_norm
+from mlo.models import Classifier, create_head, create_meta, create_model, has_batch_norm
 from mlo.models.heads import WeightingNet
 from mlo.models.encoders import load_encoder_weights
 from mlo.models.gan import GAN
@@ -89,7 +89,8 @@ class BuildContext:
     def encoder(self) -> nn.Module:
         m = self.cfg.model
         channels, size, _ = self.data.image_shape
-        encoder = create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width)
+        encoder = create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width,
+                               activation=m.activation)
         if m.pretrained_path:
             load_encoder_weights(encoder, m.pretrained_path)
         return encoder
@@ -113,7 +114,22 @@ class BuildContext:
         return "neck" if self.cfg.model.meta == "neck" else "head"
 
     def create_meta(self, streams: tuple[str, ...]) -> nn.Module:
-        return create_meta(self.meta_form, self.feature_dim, self.num_classes, streams, self.cfg.model.meta_activation)
+        m = self.cfg.model
+        return create_meta(self.meta_form, self.feature_dim, self.num_classes, streams, m.meta_activation, m.head,
+                           (m.spinal_width, m.spinal_depth))
+
+    def own_head(self) -> nn.Module | None:
+        """The class head of a classifier after a neck-form A (a head-form A is the head itself)."""
+        m = self.cfg.model
+        if self.meta_form != "neck":
+            return None
+        return create_head(m.head, self.feature_dim, self.num_classes, m.meta_activation, (m.spinal_width, m.spinal_depth))
+
+    @property
+    def meta_features(self) -> int:
+        """The width of A's features (what H's ψ reads)."""
+        m = self.cfg.model
+        return m.spinal_width * m.spinal_depth if (self.meta_form, m.head) == ("head", "spinal") else self.feature_dim
 
     @cached_property
     def meta_module(self) -> nn.Module:
@@ -132,8 +148,7 @@ class BuildContext:
         else:
             encoder = self.w1_encoder if (self.cfg.model.encoders_tied or stream == "w1") else self.encoder()
             meta = self.own_meta(stream)
-        own_head = nn.Linear(self.feature_dim, self.num_classes) if self.meta_form == "neck" else None
-        return Classifier(encoder, stream, meta=meta, own_head=own_head)
+        return Classifier(encoder, stream, meta=meta, own_head=self.own_head())
 
     @cached_property
     def gan(self) -> GAN:
@@ -141,7 +156,7 @@ class BuildContext:
         tied = self.w1_encoder if self.cfg.model.encoders_tied else None
         gan = create_model("gan", g.generator, image_shape=self.data.image_shape, num_classes=self.num_classes,
                            feature_dim=self.feature_dim, cfg=g, encoder=tied, meta=self.own_meta("disc"),
-                           owns_class_head=self.meta_form == "neck")
+                           owns_class_head=self.meta_form == "neck", meta_features=self.meta_features)
         if g.gp_weight != GANConfig().gp_weight and gan.objective.gp_weight != g.gp_weight:
             raise ConfigError(f"gan.gp_weight: gan.generator={g.generator} has no gradient penalty; drop it")
         return gan
@@ -244,8 +259,7 @@ def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
 
 def build_crt(ctx: BuildContext) -> RetrainedHeadProblem:
     """cRT: W1's encoder (frozen) under a fresh A-shaped head, trained with class-balanced sampling."""
-    own_head = nn.Linear(ctx.feature_dim, ctx.num_classes) if ctx.meta_form == "neck" else None
-    module = Classifier(ctx.w1_encoder, "w2", meta=ctx.create_meta(("w2",)), own_head=own_head)
+    module = Classifier(ctx.w1_encoder, "w2", meta=ctx.create_meta(("w2",)), own_head=ctx.own_head())
     head = [p for name, p in module.named_parameters() if not name.startswith("encoder.")]
     optimizer = ctx.classifier_optimizer(nn.ParameterList(head))
     return RetrainedHeadProblem("w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),

@@ -27,10 +27,14 @@ def _f(default, help: str, **checks):
     return field(default=default, metadata={"help": help, **checks})
 
 
+FILE_SOURCES = ("imagenet_lt", "image_folder", "caltech101", "stanford_cars")  # decoded per batch, at data.image_size
+
+
 @dataclass
 class DataConfig:
-    dataset: str = _f("digits", "data source: digits, fmnist, cifar10, cifar100, imagenet_lt, or synthetic (random "
-                                "images in CIFAR-10's shapes, for timing without the files; nothing to learn)")
+    dataset: str = _f("digits", "data source: digits, fmnist, cifar10, cifar100, imagenet_lt, image_folder (a folder "
+                                "per class under data_root), caltech101, stanford_cars, or synthetic (random images "
+                                "in CIFAR-10's shapes, for timing without the files; nothing to learn)")
     data_root: str | None = _f(None, "folder holding the data (default: ~/.cache/needsgen); "
                                      "for imagenet_lt the ImageNet root, with train/ and val/")
     split_dir: str | None = _f(None, "imagenet_lt: folder holding ImageNet_LT_train/val/test.txt (default: data_root)")
@@ -45,7 +49,8 @@ class DataConfig:
                                  "not for imagenet_lt)", min=1)
     val_per_class: int = _f(10, "balanced validation images per class, taken before the long-tail cut "
                                 "(not for imagenet_lt: ImageNet_LT_val.txt is its validation set)", min=1)
-    test_per_class: int = _f(50, "digits only: balanced test images per class held out", min=1)
+    test_per_class: int = _f(50, "digits, image_folder, caltech101 (sets without a test split of their own): "
+                                 "balanced test images per class held out", min=1)
     split_seed: int = _f(0, "seed of the long-tail shuffle and the validation split (unused by imagenet_lt)", min=0)
     augment: str = _f("none", "training augmentation: pad-and-crop (and flip) on the device for in-memory "
                               "sources, RandomResizedCrop (and flip) for imagenet_lt",
@@ -64,9 +69,18 @@ class ModelConfig:
                            "Linear-activation-Linear(d, C), making the logits of W1 and W2), neck (ablation: a "
                            "Linear-BN-activation-Linear block before heads each network trains on D_tr), or none "
                            "(no meta level: each network owns an A-shaped head)", choices=("head", "neck", "none"))
-    meta_activation: str = _f("relu", "activation inside A: relu (the paper's), or a smooth one (gelu, silu, tanh), "
-                                      "whose finite-difference hypergradients cross no kink",
-                              choices=("relu", "gelu", "silu", "tanh"))
+    meta_activation: str = _f("relu", "activation inside A (and inside the heads networks own): relu (the paper's), "
+                                      "selu (the mistake-driven scheme's), or a smooth one (gelu, silu, tanh), whose "
+                                      "finite-difference hypergradients cross no kink",
+                              choices=("relu", "selu", "gelu", "silu", "tanh"))
+    head: str = _f("linear", "the classification head: linear (with model.meta=head, A is Linear-activation-Linear) or "
+                             "spinal (the Progressive SpinalNet head; with model.meta=head, A is that whole head)",
+                   choices=("linear", "spinal"))
+    spinal_width: int = _f(32, "head=spinal: units of each spinal layer", min=1)
+    spinal_depth: int = _f(4, "head=spinal: spinal layers, each reading one half of the features and the layer "
+                              "before", min=1)
+    activation: str = _f("relu", "activation of the encoders that allow a choice (small_cnn, resnet32, timm models "
+                                 "that take act_layer)", choices=("relu", "selu", "gelu"))
     tie_encoders: bool | None = _f(None, "W1, W2 and H share one encoder (parameter tying); "
                                          "null: on for timm backbones, off for the small encoders")
     pretrained_path: str | None = _f(None, "local weights file for the encoder (a state_dict saved with "
@@ -383,15 +397,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: unknown value '{value}' ({hint}choices: {', '.join(sorted(names))})")
 
     choice("data.dataset", cfg.data.dataset, SOURCES)
-    if cfg.data.dataset == "imagenet_lt":
-        if cfg.data.image_size is None:
-            raise ConfigError("data.image_size: required for imagenet_lt (e.g. 64 or 128), the side its images "
-                              "are cropped to")
-        defaults = DataConfig()
-        for name in ("imbalance_factor", "n_max", "val_per_class"):
-            if getattr(cfg.data, name) != getattr(defaults, name):
-                raise ConfigError(f"data.{name}: does not apply to imagenet_lt, whose split files fix the long tail "
-                                  f"and the validation set; remove it")
+    d, defaults = cfg.data, DataConfig()
+    if d.dataset in FILE_SOURCES:
+        if d.image_size is None:
+            raise ConfigError(f"data.image_size: required for {d.dataset} (e.g. 64, 128 or 224), the side its "
+                              f"images are brought to")
+        fixed = ("imbalance_factor", "n_max") + (("val_per_class",) if d.dataset == "imagenet_lt" else ())
+        for name in fixed:
+            if getattr(d, name) != getattr(defaults, name):
+                what = "its split files fix the long tail and the validation set" if d.dataset == "imagenet_lt" \
+                    else "its classes keep their own sizes (no long-tail cut)"
+                raise ConfigError(f"data.{name}: does not apply to {d.dataset}, whose {what}; remove it")
     reason = unknown_model("encoder", cfg.model.encoder)
     if reason:
         raise ConfigError(f"model.encoder: {reason}")

@@ -47,21 +47,23 @@ def tiny_tanh(in_channels: int = 1, image_size: int = 8, width: int = 8):
 
 
 @register_model("gan")
-def tiny_tanh_gan(image_shape, num_classes, feature_dim, cfg, encoder=None, meta=None, owns_class_head=False) -> GAN:
+def tiny_tanh_gan(image_shape, num_classes, feature_dim, cfg, encoder=None, meta=None, owns_class_head=False,
+                  meta_features=None) -> GAN:
     c, h, w = image_shape
     body = encoder if encoder is not None else TanhEncoder(c * h * w, feature_dim, linear=snlinear)
     return GAN(generator=TanhGenerator(image_shape, num_classes, cfg.z_dim, cfg.gan_ch),
-               discriminator=ProjectionDiscriminator(body, num_classes, meta=meta, owns_class_head=owns_class_head),
+               discriminator=ProjectionDiscriminator(body, num_classes, meta=meta, owns_class_head=owns_class_head,
+                                                     meta_features=meta_features),
                objective=GANObjective(HINGE))
 
 
 @register_model("gan")
 def tiny_tanh_wacgan_gp(image_shape, num_classes, feature_dim, cfg, encoder=None, meta=None,
-                        owns_class_head=False) -> GAN:
+                        owns_class_head=False, meta_features=None) -> GAN:
     """WAC-GAN-GP's objective (Wasserstein, auxiliary classifier, gradient penalty) on tanh networks."""
     c, h, w = image_shape
     body = encoder if encoder is not None else TanhEncoder(c * h * w, feature_dim)
     return GAN(generator=TanhGenerator(image_shape, num_classes, cfg.z_dim, cfg.gan_ch),
                discriminator=ACDiscriminator(body, num_classes, meta=meta, owns_class_head=owns_class_head,
-                                             which_linear=nn.Linear),
+                                             which_linear=nn.Linear, meta_features=meta_features),
                objective=GANObjective(WASSERSTEIN, auxiliary_classifier=True, gp_weight=cfg.gp_weight))

@@ -9,7 +9,7 @@ from mlo.config import GANConfig
 from mlo.errors import ConfigError
 import torch.nn as nn
 
-from mlo.models import Classifier, MetaHead, MetaNeck, create_model, list_models
+from mlo.models import Classifier, MetaHead, MetaNeck, SpinalHead, create_model, list_models
 from mlo.models.gan.diffaugment import POLICIES, diffaugment, sample_params
 
 
@@ -128,3 +128,24 @@ def test_registry_lists_what_exists():
     assert "biggan" in list_models("gan")
     with pytest.raises(ConfigError, match="unknown encoder"):
         create_model("encoder", "resnet9000")
+
+
+def test_spinal_head_reads_alternate_halves_and_the_layer_before():
+    """Progressive SpinalNet: layer i reads half i % 2 of the features and layer i−1's output; the
+    classifier reads every layer's output."""
+    head = SpinalHead(10, 3, width=4, depth=3)
+    assert [layer.in_features for layer in head.layers] == [5, 5 + 4, 5 + 4] and head.head.in_features == 12
+    h = torch.randn(2, 10, requires_grad=True)
+    features = head.features(h)
+    assert features.shape == (2, 12) and head(h).shape == (2, 3)
+    # the first layer's output depends on the first half only
+    (grad,) = torch.autograd.grad(features[:, :4].sum(), h)
+    assert grad[:, :5].abs().sum() > 0 and grad[:, 5:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet32", "timm:resnet18"])
+def test_encoders_take_the_configured_activation(name):
+    encoder = create_model("encoder", name, in_channels=3, image_size=16, width=4, activation="selu")
+    kinds = {type(m) for m in encoder.modules()}
+    assert nn.SELU in kinds and nn.ReLU not in kinds
+    assert encoder(torch.randn(2, 3, 16, 16)).shape == (2, encoder.out_dim)

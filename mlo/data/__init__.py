@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlo.data import imagenet_lt as _imagenet_lt  # noqa: F401  (registers the imagenet_lt source)
+from mlo.data import folders as _folders, imagenet_lt as _imagenet_lt  # noqa: F401  (register their sources)
 from mlo.data.loaders import ImageSet
 from mlo.data.longtail import SHOT_RULE, longtail_counts, longtail_split, shot_groups
 from mlo.data.sources import SOURCES, ClassesAndShape, ImageData, load_source, register_source

@@ -67,16 +67,18 @@ def longtail_split(labels: np.ndarray, num_classes: int, imbalance_factor: float
     return Split(train=np.sort(train), val=np.sort(np.concatenate(val)), counts=counts)
 
 
-def balanced_holdout(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into (rest, held-out) with ``per_class`` held-out images per class."""
+def balanced_holdout(labels: np.ndarray, num_classes: int, per_class: int, seed: int,
+                     key: str = "data.test_per_class") -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (rest, held-out) with ``per_class`` held-out images per class (``key``: the
+    setting of ``per_class``, named in errors)."""
     labels = np.asarray(labels)
     held, rest = [], []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
         idx = idx[_class_rng(seed + 7919, c).permutation(len(idx))]
         if len(idx) <= per_class:
-            raise DataError(f"data.test_per_class={per_class} leaves no image of class {c} for training; "
-                            f"lower data.test_per_class")
+            raise DataError(f"{key}={per_class} leaves no image of class {c} for training ({len(idx)} images); "
+                            f"lower {key}")
         held.append(idx[:per_class])
         rest.append(idx[per_class:])
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(held))

@@ -2,7 +2,7 @@
 from mlo.models.registry import create_model, list_models, register_family, register_model, unknown_model
 from mlo.models import encoders as _encoders  # noqa: F401  (registers the encoders)
 from mlo.models.gan import acgan as _acgan, biggan as _biggan, dcgan as _dcgan, light as _light  # noqa: F401  (registers the GANs)
-from mlo.models.heads import META_FORMS, Classifier, MetaHead, MetaNeck, create_meta
+from mlo.models.heads import META_FORMS, Classifier, MetaHead, MetaNeck, SpinalHead, create_head, create_meta
 
 
 
@@ -13,4 +13,4 @@ def has_batch_norm(*modules) -> bool:
 
 
 __all__ = ["create_model", "list_models", "register_family", "register_model", "unknown_model", "Classifier",
-           "MetaHead", "MetaNeck", "META_FORMS", "create_meta", "has_batch_norm"]
+           "MetaHead", "MetaNeck", "SpinalHead", "META_FORMS", "create_head", "create_meta", "has_batch_norm"]

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from mlo.errors import ConfigError
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "selu": F.selu}
 META_FORMS = ("head", "neck")
+HEADS = ("linear", "spinal")
 
 
 class MetaHead(nn.Module):
@@ -33,10 +34,39 @@ class MetaHead(nn.Module):
         self.activation = ACTIVATIONS[activation]
         self.fc1 = nn.Linear(dim, dim)
         self.head = nn.Linear(dim, num_classes)
+        self.out_features = dim  # width of ``features``
 
     def features(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
         """``a(h)``: the first layer and its activation (the features before the class head)."""
         return self.activation(self.fc1(h))
+
+    def forward(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
+        return self.head(self.features(h, stream))
+
+
+class SpinalHead(nn.Module):
+    """The Progressive SpinalNet head (Kabir et al., 2020): the input split into two halves; a stack of
+    ``depth`` small fully connected layers of ``width`` units, layer i reading one half (alternately)
+    and the output of layer i−1; all layers' outputs concatenated into the final classifier ``head``.
+    As A (``model.meta=head``, ``model.head=spinal``) A is this whole head: the spinal stack and the
+    classifier, learned on the validation set."""
+
+    def __init__(self, dim: int, num_classes: int, width: int, depth: int, activation: str = "relu"):
+        super().__init__()
+        self.activation = ACTIVATIONS[activation]
+        self.half = dim // 2
+        halves = (self.half, dim - self.half)
+        self.layers = nn.ModuleList(nn.Linear(halves[i % 2] + (width if i else 0), width) for i in range(depth))
+        self.head = nn.Linear(width * depth, num_classes)
+        self.out_features = width * depth
+
+    def features(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
+        halves = (h[:, :self.half], h[:, self.half:])
+        outputs = []
+        for i, layer in enumerate(self.layers):
+            x = halves[i % 2] if not outputs else torch.cat([halves[i % 2], outputs[-1]], dim=1)
+            outputs.append(self.activation(layer(x)))
+        return torch.cat(outputs, dim=1)
 
     def forward(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
         return self.head(self.features(h, stream))
@@ -50,6 +80,7 @@ class MetaNeck(nn.Module):
 
     def __init__(self, dim: int, streams: tuple[str, ...], activation: str = "relu"):
         super().__init__()
+        self.out_features = dim
         self.activation = ACTIVATIONS[activation]
         self.fc1 = nn.Linear(dim, dim, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(dim))
@@ -64,13 +95,22 @@ class MetaNeck(nn.Module):
     forward = features
 
 
-def create_meta(form: str, dim: int, num_classes: int, streams: tuple[str, ...], activation: str) -> nn.Module:
-    """A module of A's shape: ``form`` is ``model.meta`` (head or neck)."""
+def create_meta(form: str, dim: int, num_classes: int, streams: tuple[str, ...], activation: str,
+                head: str = "linear", spinal: tuple[int, int] = (32, 4)) -> nn.Module:
+    """A module of A's shape: ``form`` is ``model.meta`` (head or neck); a head-form A with
+    ``head=spinal`` is a SpinalNet head of ``spinal`` = (width, depth)."""
+    if form == "head" and head == "spinal":
+        return SpinalHead(dim, num_classes, *spinal, activation)
     if form == "head":
         return MetaHead(dim, num_classes, activation)
     if form == "neck":
         return MetaNeck(dim, streams, activation)
     raise ConfigError(f"model.meta: unknown form '{form}' (choices: {', '.join(META_FORMS)})")
+
+
+def create_head(head: str, dim: int, num_classes: int, activation: str, spinal: tuple[int, int] = (32, 4)) -> nn.Module:
+    """The class head a network owns after a neck-form A: linear, or a SpinalNet head."""
+    return SpinalHead(dim, num_classes, *spinal, activation) if head == "spinal" else nn.Linear(dim, num_classes)
 
 
 class ReadsA(nn.Module):

@@ -81,10 +81,11 @@ class ProjectionDiscriminator(ReadsA):
     head read A's features). A is shared, or owned (``meta``) where the run has no meta level."""
 
     def __init__(self, body: nn.Module, num_classes: int, stream: str = "disc", meta: nn.Module | None = None,
-                 owns_class_head: bool = False):
-        super().__init__(stream, meta, snlinear(body.out_dim, num_classes) if owns_class_head else None)
+                 owns_class_head: bool = False, meta_features: int | None = None):
+        width = meta_features or body.out_dim  # of A's features
+        super().__init__(stream, meta, snlinear(width, num_classes) if owns_class_head else None)
         self.body = body
-        self.psi = snlinear(body.out_dim, 1)
+        self.psi = snlinear(width, 1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, shared_meta: nn.Module | None = None) -> torch.Tensor:
         features, head = self.through_a(self.body(x), shared_meta)
@@ -93,11 +94,13 @@ class ProjectionDiscriminator(ReadsA):
 
 @register_model("gan")
 def biggan(image_shape, num_classes: int, feature_dim: int, cfg, encoder: nn.Module | None = None,
-           meta: nn.Module | None = None, owns_class_head: bool = False) -> GAN:
-    """BigGAN at 8/16/32/64/128 with hinge loss; ``encoder`` replaces φ when encoders are tied."""
+           meta: nn.Module | None = None, owns_class_head: bool = False, meta_features: int | None = None) -> GAN:
+    """BigGAN at 8/16/32/64/128 with hinge loss; ``encoder`` replaces φ when encoders are tied;
+    ``meta_features``: the width of A's features (default: φ's)."""
     channels, size, _ = image_shape
     resolution = gan_resolution(size)
     generator = Generator(resolution, channels, num_classes, cfg.gan_ch, cfg.z_dim, cfg.shared_dim)
     body = encoder if encoder is not None else DiscriminatorBody(resolution, channels, cfg.gan_ch, feature_dim)
-    discriminator = ProjectionDiscriminator(body, num_classes, meta=meta, owns_class_head=owns_class_head)
+    discriminator = ProjectionDiscriminator(body, num_classes, meta=meta, owns_class_head=owns_class_head,
+                                            meta_features=meta_features)
     return GAN(generator=generator, discriminator=discriminator, objective=GANObjective(HINGE))

@@ -74,11 +74,12 @@ class ConcatDiscriminator(ReadsA):
     """VCGAN's D: ``ψ(a(φ([x, one-hot maps of y])))``: the label enters with the image; the score reads
     A's features (it has no class term)."""
 
-    def __init__(self, body: nn.Module, num_classes: int, stream: str = "disc", meta: nn.Module | None = None):
+    def __init__(self, body: nn.Module, num_classes: int, stream: str = "disc", meta: nn.Module | None = None,
+                 meta_features: int | None = None):
         super().__init__(stream, meta)
         self.body = body
         self.label = OneHot(num_classes)
-        self.psi = snlinear(body.out_dim, 1)
+        self.psi = snlinear(meta_features or body.out_dim, 1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, shared_meta: nn.Module | None = None) -> torch.Tensor:
         maps = self.label(y).to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
@@ -88,7 +89,7 @@ class ConcatDiscriminator(ReadsA):
 
 @register_model("gan")
 def vcgan(image_shape, num_classes: int, feature_dim: int, cfg, encoder: nn.Module | None = None,
-          meta: nn.Module | None = None, owns_class_head: bool = False) -> GAN:
+          meta: nn.Module | None = None, owns_class_head: bool = False, meta_features: int | None = None) -> GAN:
     """Vanilla conditional GAN at 8/16/32: one-hot labels concatenated to z and to D's input, JS loss."""
     if encoder is not None:
         raise ConfigError("model.tie_encoders: gan.generator=vcgan feeds the label to D's input with the image, "
@@ -97,5 +98,5 @@ def vcgan(image_shape, num_classes: int, feature_dim: int, cfg, encoder: nn.Modu
     resolution = dcgan_resolution("vcgan", size)
     generator = DCGenerator(resolution, channels, cfg.gan_ch, cfg.z_dim, OneHot(num_classes))
     body = DCDiscriminatorBody(resolution, channels + num_classes, cfg.gan_ch, feature_dim)
-    return GAN(generator=generator, discriminator=ConcatDiscriminator(body, num_classes, meta=meta),
-               objective=GANObjective(JS))
+    discriminator = ConcatDiscriminator(body, num_classes, meta=meta, meta_features=meta_features)
+    return GAN(generator=generator, discriminator=discriminator, objective=GANObjective(JS))

@@ -121,7 +121,7 @@ def light_resolution(image_size: int) -> int:
 
 @register_model("gan")
 def light_per_class(image_shape, num_classes: int, feature_dim: int, cfg, encoder: nn.Module | None = None,
-                    meta=None, owns_class_head: bool = False) -> GAN:
+                    meta=None, owns_class_head: bool = False, meta_features: int | None = None) -> GAN:
     """One light GAN per class (hinge loss); ``gan_ch`` is each GAN's width, ``z_dim`` its latent size."""
     if encoder is not None:
         raise ConfigError("model.tie_encoders: gan.generator=light_per_class has a small discriminator per class, "
