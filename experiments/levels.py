@@ -89,8 +89,16 @@ class BuildContext:
     def encoder(self) -> nn.Module:
         m = self.cfg.model
         channels, size, _ = self.data.image_shape
-        encoder = create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width,
-                               activation=m.activation)
+        # the activation is passed only where one is asked for: encoders without a choice need not take it
+        activation = {} if m.activation == "relu" else {"activation": m.activation}
+        try:
+            encoder = create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width,
+                                   **activation)
+        except TypeError as exc:
+            if not activation or "activation" not in str(exc):
+                raise
+            raise ConfigError(f"model.activation={m.activation}: encoder {m.encoder} has no choice of activation; "
+                              f"use model.activation=relu") from None
         if m.pretrained_path:
             load_encoder_weights(encoder, m.pretrained_path)
         return encoder

@@ -80,7 +80,7 @@ CASES = [
     (["run", "meta_every=0"], "train.meta_every: must be >= 1"),
     (["run", "gen_per_real=-1"], "train.gen_per_real: must be >= 0.0"),
     (["run", "optimizer=lion"], "train.optimizer: must be one of adam, sgd"),
-    (["run", "meta_activation=swish"], "model.meta_activation: must be one of relu, gelu, silu, tanh"),
+    (["run", "meta_activation=swish"], "model.meta_activation: must be one of relu, selu, gelu, silu, tanh"),
     (["run", "gan_betas=[0.5]"], "gan.gan_betas: expected two numbers"),
     (["run", "lr_milestones=[40]"], "train.lr_milestones: expected increasing epochs in 1..30"),
     (["run", "name=a/b"], "run.name: must be a plain folder name"),

@@ -149,3 +149,11 @@ def test_encoders_take_the_configured_activation(name):
     kinds = {type(m) for m in encoder.modules()}
     assert nn.SELU in kinds and nn.ReLU not in kinds
     assert encoder(torch.randn(2, 3, 16, 16)).shape == (2, encoder.out_dim)
+
+
+def test_an_encoder_without_a_choice_of_activation_is_refused_one():
+    """Registered encoders that take no ``activation`` still build; asking one for SELU is a config error."""
+    from tests.conftest import build_run
+    assert build_run("model.encoder=tiny_tanh", "model.width=8") is not None
+    with pytest.raises(ConfigError, match="model.activation=selu: encoder tiny_tanh has no choice of activation"):
+        build_run("model.encoder=tiny_tanh", "model.width=8", "model.activation=selu")
