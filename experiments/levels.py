@@ -205,7 +205,18 @@ class BuildContext:
                 **self.common(name)}
 
     def common(self, name: str) -> dict:
-        return {"seed": self.cfg.run.seed, "ready_on": list(self.mode.ready_on[name]) if name in self.mode.ready_on else None}
+        ready_on = list(self.mode.ready_on[name]) if name in self.mode.ready_on else None
+        return {"seed": self.cfg.run.seed, "ready_on": ready_on, **self.tying(name)}
+
+    def tying(self, name: str) -> dict:
+        """With tied encoders, the level that owns the shared encoder (W1, or W2 in a mode without W1) steps
+        it; the others borrow it and lend it their gradients (``problems.base``)."""
+        if not self.cfg.model.encoders_tied:
+            return {}
+        owner = "w1" if "w1" in self.mode.levels else "w2"
+        if name == owner or name not in ("w1", "w2", "disc"):
+            return {}
+        return {"borrows": self.w1_encoder, "lender": owner}
 
     # ----- data --------------------------------------------------------------------------------
     def shared(self, loader, key: str):

@@ -431,6 +431,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.device: expected auto, cpu, cuda or cuda:N, got '{device}'")
     if cfg.train.sam_rho > 0 and cfg.train.precision == "fp16":
         raise ConfigError("train.sam_rho: SAM's steps bypass fp16's gradient scaler; use train.precision=bf16 or fp32")
+    if cfg.train.precision == "fp16" and cfg.model.encoders_tied:
+        raise ConfigError("train.precision=fp16: a tied encoder's step adds gradients that three levels' loss scalers "
+                          "scaled differently; use train.precision=bf16, or model.tie_encoders=false")
     if cfg.train.temperature_end > cfg.train.temperature_start:
         raise ConfigError(f"train.temperature_end={cfg.train.temperature_end:g} is above train.temperature_start="
                           f"{cfg.train.temperature_start:g}: the Gumbel temperature anneals downwards")

@@ -166,7 +166,7 @@ def hypergradient(upper, loss: torch.Tensor) -> list[torch.Tensor]:
     pending = {level.name: vector for level, vector in zip(first, _split(flat[len(params):], first))}
     for level in plan.order:
         vector = pending.pop(level.name, None)
-        if vector is None or level.config.type == "first_order":
+        if not vector or level.config.type == "first_order":  # nothing reached it, or it has no weights of its own
             continue
         targets = plan.targets[level.name]
         for target, out in zip(targets, hop(level, vector, targets)):

@@ -14,6 +14,12 @@ and the parameters. This base makes it so:
    on validation images must not move W1's BN statistics); an evaluation that is not a step (a
    hop, a reference check) changes none, and runs spectral norm without power iterations.
 
+Tied encoders (``model.tie_encoders``): one level owns the shared encoder (W1, or the classifier where
+a mode has no W1) and steps it, once per iteration, with one optimizer state. The levels that borrow it
+(``borrows``: W2 and H) leave it out of their own parameters and optimizers; their own steps hand their
+gradient of it to the owner (``lend``), which adds it to its own at its next step; and their forwards
+never move its BN statistics, which thus come from the owner's real training images alone.
+
 Numerical faults: a step whose loss or gradient is not finite is skipped and counted; the trainer
 reports it and aborts after too many in a row. Without a host sync per step: the step is skipped
 on the device (``CompatProblem.step_unless``) and its fault code waits on the device until the
@@ -69,14 +75,14 @@ def level_config(*, unroll_steps: int = 1, hypergradient: str = "exact", darts_a
 
 
 @contextmanager
-def frozen_statistics(modules: list[nn.Module], keep: list[nn.Module] = ()):
+def frozen_statistics(modules: list[nn.Module], keep: list[nn.Module] = (), exclude: list[nn.Module] = ()):
     """Run forwards that leave the buffers (BN running stats, spectral-norm u/v) of ``modules``
-    unchanged, except those inside ``keep``.
+    unchanged, except those inside ``keep`` and not inside ``exclude``.
 
     Each buffer is swapped for a scratch copy while inside and the original put back after, so
     nothing is modified in place (autograd saved the scratch copies, e.g. BN's running stats).
     """
-    kept = {id(m) for k in keep for m in k.modules()}
+    kept = {id(m) for k in keep for m in k.modules()} - {id(m) for e in exclude for m in e.modules()}
     inner = list({id(m): m for module in modules for m in module.modules() if id(m) not in kept}.values())
     spectral = [m for m in inner if isinstance(m, _SpectralNorm)]
     saved_iters = [m.n_power_iterations for m in spectral]
@@ -115,7 +121,8 @@ class LevelProblem(CompatProblem):
     """A Betty ``ImplicitProblem`` whose ``training_step`` is a pure function of ``cur_batch``."""
 
     def __init__(self, name: str, config: Config, module: nn.Module, optimizer, scheduler=None,
-                 train_data_loader=None, *, seed: int = 0, ready_on: list[str] | None = None):
+                 train_data_loader=None, *, seed: int = 0, ready_on: list[str] | None = None,
+                 borrows: nn.Module | None = None, lender: str | None = None):
         super().__init__(name, config, module=module, optimizer=optimizer, scheduler=scheduler,
                          train_data_loader=train_data_loader)
         self.seed = derive_seed(seed, zlib.crc32(name.encode()))
@@ -128,6 +135,9 @@ class LevelProblem(CompatProblem):
         self.records: dict[str, torch.Tensor] = {}
         self.consecutive_faults = 0
         self.fault_codes: list[tuple[int, torch.Tensor]] = []  # (global step, code) not yet read by the trainer
+        self.borrows = borrows     # a module of another level's (a tied encoder) that this level reads
+        self.lender = lender       # the name of that level, which steps it
+        self.lent: dict[int, torch.Tensor] = {}  # (as a lender) borrowers' gradients of its weights, by id
 
     # ----- randomness, drawn in get_batch -------------------------------------------------------
     def initialize(self):
@@ -151,8 +161,35 @@ class LevelProblem(CompatProblem):
     # ----- pure evaluation ----------------------------------------------------------------------
     def training_step_exec(self, batch):
         keep = self.owned_statistics() if self._own_step else []
-        with frozen_statistics(self.graph_modules, keep), forked_rng(batch["rng_seed"], self.device):
+        exclude = [self.borrows] if self.borrows is not None else []
+        with frozen_statistics(self.graph_modules, keep, exclude), forked_rng(batch["rng_seed"], self.device):
             return super().training_step_exec(batch)
+
+    # ----- tied modules ---------------------------------------------------------------------------
+    def trainable_parameters(self):
+        """The module's parameters, less those of a borrowed module (its owner steps them)."""
+        params = list(self.module.parameters())
+        if self.borrows is None:
+            return params
+        borrowed = {id(p) for p in self.borrows.parameters()}
+        return [p for p in params if id(p) not in borrowed]
+
+    def lend(self, params, grads) -> None:
+        """Take a borrower's gradient of some of this level's parameters, for this level's next step."""
+        for p, g in zip(params, grads):
+            if g is not None:
+                self.lent[id(p)] = self.lent[id(p)] + g.detach() if id(p) in self.lent else g.detach()
+
+    def patch_optimizer(self):
+        if self.trainable_parameters():
+            return super().patch_optimizer()
+        self.optimizer = None  # nothing of its own to step (all it reads is borrowed or another level's)
+
+    def patch_scheduler(self):
+        if self.optimizer is None:
+            self.scheduler = None
+            return
+        super().patch_scheduler()
 
     def owned_statistics(self) -> list[nn.Module]:
         """Modules whose statistics this level's own step updates: its module and its stream of A."""
@@ -181,9 +218,15 @@ class LevelProblem(CompatProblem):
         sweep (in place of Betty's path-by-path traversal)."""
         if self._skip_backward:
             return
-        if not paths:
+        if not paths and self.borrows is None:
             return super().backward(loss, params, paths, create_graph=create_graph, retain_graph=retain_graph,
                                     allow_unused=allow_unused)
+        if not paths:  # one backward for its own weights and the borrowed ones, which go to their owner
+            borrowed = list(self.borrows.parameters())
+            grads = torch.autograd.grad(loss, params + borrowed, allow_unused=True)
+            self.set_grads(params, grads[:len(params)])
+            getattr(self, self.lender).lend(borrowed, grads[len(params):])
+            return
         self.set_grads(params, hypergradient(self, loss))
 
     @cached_property
@@ -193,9 +236,13 @@ class LevelProblem(CompatProblem):
 
     def optimizer_step(self, *args, **kwargs):
         loss_fault = (~self._loss_finite).float()
-        if self._skip_backward:  # no gradient: nothing to average or to skip
+        if self._skip_backward or self.optimizer is None:  # no gradient, or nothing to step
             self.fault_codes.append((self._global_step, loss_fault.mul(2).long()))
             return
+        for p in self.trainable_parameters():  # what borrowers lent since the last step
+            lent = self.lent.pop(id(p), None)
+            if lent is not None:
+                p.grad = lent if p.grad is None else p.grad + lent
         self.average_gradients(flags=[loss_fault])  # from here on every process holds the same values
         code = torch.where(loss_fault > 0, 2, 0)
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
@@ -241,6 +288,14 @@ class LevelProblem(CompatProblem):
         return meta.module if meta is not None else None
 
     # ----- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() if self.optimizer is not None else {"module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.optimizer is not None:
+            return super().load_state_dict(state)
+        self.module.load_state_dict(state["module"])
+
     def level_state(self) -> dict[str, Any]:
         """Everything needed to resume the level: the state every process shares, and this
         process's own (``process_state``)."""
@@ -261,6 +316,8 @@ class LevelProblem(CompatProblem):
             "records": dict(self.records),
             # hops of an upper level re-run this level on its last batch, possibly from an earlier iteration
             "cur_batch": self.cur_batch,
+            # borrowers' gradients of its weights waiting for its next step (each process's own share)
+            "lent": [self.lent.get(id(p)) for p in self.trainable_parameters()],
         }
 
     def load_level_state(self, state: dict[str, Any]) -> None:
@@ -277,3 +334,4 @@ class LevelProblem(CompatProblem):
         self.records = dict(state["records"])
         self.consecutive_faults = state["consecutive_faults"]
         self.cur_batch = state["cur_batch"]
+        self.lent = {id(p): g for p, g in zip(self.trainable_parameters(), state["lent"]) if g is not None}

@@ -98,6 +98,7 @@ CASES = [
     (["run", "mode=vanilla", "tie_encoders=true"], "model.tie_encoders shares W1's encoder"),
     (["run", "temperature_start=0.1", "temperature_end=1"], "train.temperature_end=1 is above train.temperature_start"),
     (["run", "precision=fp16", "device=cpu"], "train.precision=fp16 needs a CUDA device"),
+    (["run", "precision=fp16", "tie_encoders=true"], "train.precision=fp16: a tied encoder's step adds gradients"),
     (["run", "compile=aot_eager", "hypergradient=exact"], "run.compile=aot_eager: train.hypergradient=exact "
                                                           "differentiates the levels' steps twice"),
     # config files

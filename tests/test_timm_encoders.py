@@ -112,6 +112,74 @@ def test_two_mlo_iterations_with_a_timm_encoder_on_digits():
     before = parameters_to_vector(encoder.parameters()).detach().clone()
     Trainer(run.engine, [Phase("timm", 2)], progress=False).run()
     steps = {name: optimizer_steps(p) for name, p in run.levels.items()}
-    assert steps == {"w1": 2, "disc": 2, "w2": 2, "gen": 1, "meta": 1}
+    # tied encoders and A as the head: W2 is W1's encoder and A, with nothing of its own to step
+    assert steps == {"w1": 2, "disc": 2, "w2": 0, "gen": 1, "meta": 1}
     assert not torch.equal(parameters_to_vector(encoder.parameters()), before)
     assert all(torch.isfinite(p).all() for p in run.levels["meta"].module.parameters())
+
+
+def test_a_tied_encoder_is_stepped_once_per_iteration_by_its_owner():
+    """One optimizer state for the shared encoder (W1's), which adds the gradients H and W2 lend it;
+    their optimizers leave it out, and only W1's steps move its BN statistics."""
+    run = build_run("model.tie_encoders=true", "train.meta_every=2", "model.meta=neck")
+    w1, w2, disc = run.levels["w1"], run.levels["w2"], run.levels["disc"]
+    encoder = w1.module.encoder
+    shared = {id(p) for p in encoder.parameters()}
+    assert shared <= {id(p) for p in w1.trainable_parameters()}
+    for level in (w2, disc):
+        assert level.lender == "w1" and not shared & {id(p) for p in level.trainable_parameters()}
+        assert not shared & {id(p) for group in level.optimizer.param_groups for p in group["params"]}
+    bn = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = {}
+
+    def watch(level, name):
+        def wrapped(*args, _original=level.one_step_descent, **kwargs):
+            before = bn.running_mean.clone()
+            out = _original(*args, **kwargs)
+            seen.setdefault(name, []).append(not torch.equal(before, bn.running_mean))
+            return out
+        level.one_step_descent = wrapped
+
+    for level, name in ((w1, "w1"), (w2, "w2"), (disc, "disc")):
+        watch(level, name)
+    Trainer(run.engine, [Phase("tied", 4)], progress=False).run()
+    assert all(seen["w1"]) and not any(seen["w2"]) and not any(seen["disc"])  # statistics: W1's steps only
+    first = next(iter(encoder.parameters()))
+    assert int(w1.optimizer.state[first]["step"]) == 4  # one Adam state, one step per iteration
+    assert w1.lent  # W2's gradient of its last step waits for W1's next one
+
+
+def test_the_encoder_step_sums_what_the_borrowers_lent():
+    run = build_run("model.tie_encoders=true", "train.meta_every=2", "model.meta=neck")
+    w1 = run.levels["w1"]
+    first = next(iter(w1.module.encoder.parameters()))
+    lent = []
+    lend = w1.lend
+
+    def record(params, grads):  # what H and W2 hand over, for the first encoder weight
+        lent.extend(g.clone() for p, g in zip(params, grads) if p is first and g is not None)
+        return lend(params, grads)
+
+    w1.lend = record
+    Trainer(run.engine, [Phase("warm", 2)], progress=False).run()
+    seen = {}
+    average = w1.average_gradients
+
+    def at_the_step(*args, **kwargs):  # inside W1's optimizer_step, before its update
+        own = torch.autograd.grad(w1.training_step_exec(w1.cur_batch), first)[0]
+        seen["lent"], seen["expected"] = first.grad - own, sum(lent[-2:])  # W2's last step's and H's of now
+        return average(*args, **kwargs)
+
+    w1.average_gradients = at_the_step
+    Trainer(run.engine, [Phase("one", 1)], progress=False).run()
+    assert len(lent) == 3 * 2  # H and W2 in each iteration (W2 after W1: its gradient waits for the next)
+    assert torch.allclose(seen["lent"], seen["expected"], atol=1e-5)
+
+
+def test_a_level_with_nothing_of_its_own_still_lends_its_gradient():
+    """Tied encoders with A as the head: W2 is W1's encoder and A, so it has no weights of its own."""
+    run = build_run("model.tie_encoders=true", "train.meta_every=2")
+    w2 = run.levels["w2"]
+    assert w2.trainable_parameters() == [] and w2.optimizer is None and w2.scheduler is None
+    Trainer(run.engine, [Phase("tied", 4)], progress=False).run()
+    assert run.levels["w1"].lent and "module" in w2.level_state()
