@@ -40,9 +40,6 @@ import torch
 
 from mlo.distributed import active, average_
 
-HYPERGRADIENTS = ("exact", "darts", "first_order")
-
-
 def _zeros_for_none(grads, params) -> list[torch.Tensor]:
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
 
