@@ -296,3 +296,12 @@ def test_meta_weight_net_hypergradient_matches_exact_reference():
     assert [[p.name for p in path] for path in run.levels["mwn"].paths] == [["mwn", "w1", "mwn"]]
     reports = run_and_compare(run, iterations=3, level="mwn")
     assert len(reports) == 3 and all(total >= 0.9999 and hyper >= 0.9999 for total, hyper in reports), reports
+
+
+def test_every_hop_type_the_config_offers_exists():
+    import dataclasses
+
+    from mlo.config import TrainConfig
+    from mlo.hypergradient import HOPS
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}["hypergradient"]
+    assert set(field.metadata["choices"]) == set(HOPS)
