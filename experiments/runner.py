@@ -41,6 +41,8 @@ from experiments.phases import build_phases
 
 CHECKPOINT, METRICS, CONFIG, LOG, SEEDS = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv", "seeds.json"
 ALLOCATION_LOG, TENSORBOARD = "allocation_log.csv", "tensorboard"
+# raised whenever what a checkpoint holds changes shape, so an older one is refused by name, not by a KeyError
+CHECKPOINT_FORMAT = 2  # 2: borrowed gradients of tied encoders ("lent")
 # settings that may change between a checkpoint and its resumption without changing the run
 RESUMABLE_CHANGES = ("run.progress", "run.device", "run.checkpoint_every", "run.name", "run.out_dir", "run.sync_every",
                      "run.threads", "run.tensorboard")
@@ -227,6 +229,7 @@ class Run:
     # ----- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
+            "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             "trainer": self.trainer.state_dict(),
             "levels": {name: p.level_state() for name, p in self.levels.items()},
@@ -269,6 +272,10 @@ class Run:
         if path is None:
             raise UserError(f"no checkpoint in '{self.run_dir}'")
         state = load_checkpoint(path, map_location=self.device)
+        if state.get("format", 1) != CHECKPOINT_FORMAT:
+            raise UserError(f"checkpoint '{path}' was written by another version of needsgen (format "
+                            f"{state.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); finish it with that "
+                            "version, or delete the run directory to start over")
         diff = config_diff(from_dict(state["config"], source=str(path)), self.cfg, ignore=RESUMABLE_CHANGES)
         if diff:
             raise UserError(f"checkpoint '{path}' was written with a different config: {'; '.join(diff)}")
