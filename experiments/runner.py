@@ -27,6 +27,7 @@ from mlo.budget import temperature
 from mlo.checkpoint import atomic_write, existing_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from mlo.config import Config, config_diff, from_dict
 from mlo.data import SHOT_RULE, build_longtail
+from mlo.data.sources import data_folder
 from mlo.data.loaders import make_loader
 from mlo.distributed import Processes, average_, barrier, gather_objects, sum_
 from mlo.errors import ConfigError, NumericalFault, TrainingStopped, UserError
@@ -123,9 +124,12 @@ class Run:
         self._clock = time.perf_counter()
 
     def describe(self) -> str:
-        """Where the run computes: device, CPU threads and processes (results depend on all three)."""
+        """Where the run computes (device, CPU threads and processes: results depend on all three) and the
+        data folder it reads (and may have filled)."""
         where = f"device {self.device}, {torch.get_num_threads()} CPU thread(s)"
-        return where + (f", {self.processes.world_size} processes" if self.processes.distributed else "")
+        where += f", {self.processes.world_size} processes" if self.processes.distributed else ""
+        folder = data_folder(self.cfg.data)
+        return where + (f", data in '{folder}'" if folder else "")
 
     # ----- training ----------------------------------------------------------------------------
     def _tick(self) -> None:

@@ -226,3 +226,11 @@ def test_image_size_resizes_in_memory_sources_once():
     assert resized.train_counts == native.train_counts
     mean = lambda x: x.float().mean(dim=(1, 2, 3))  # bilinear upsampling keeps each image's brightness
     assert torch.allclose(mean(resized.test_images), mean(native.test_images), atol=4)
+
+
+def test_the_data_folder_a_run_reads_is_named_and_built_in_data_has_none(tmp_path):
+    from mlo.data.sources import DEFAULT_ROOT, data_folder
+
+    assert data_folder(load_config(None, ["data.dataset=fmnist", f"data.data_root={tmp_path}"]).data) == tmp_path
+    assert data_folder(load_config(None, ["data.dataset=cifar10"]).data) == DEFAULT_ROOT
+    assert data_folder(load_config(None, ["data.dataset=digits", f"data.data_root={tmp_path}"]).data) is None

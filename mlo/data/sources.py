@@ -50,20 +50,29 @@ class ImageData(ClassesAndShape):
 
 
 SOURCES: dict[str, Callable[..., ImageData]] = {}
+BUILT_IN = set()  # sources that read no folder (bundled or generated data)
 
 
-def register_source(name: str):
+def register_source(name: str, reads_files: bool = True):
     def wrap(fn):
         SOURCES[name] = fn
+        if not reads_files:
+            BUILT_IN.add(name)
         return fn
     return wrap
+
+
+def data_folder(data_cfg) -> Path | None:
+    """The folder ``data_cfg.dataset`` is read from (and may be written to), None for built-in data."""
+    if data_cfg.dataset in BUILT_IN:
+        return None
+    return Path(data_cfg.data_root).expanduser() if data_cfg.data_root else DEFAULT_ROOT
 
 
 def load_source(data_cfg) -> ImageData:
     """Load ``data_cfg.dataset``, check what came back (shape, channels, labels) and bring in-memory
     images to ``data.image_size``."""
-    root = Path(data_cfg.data_root).expanduser() if data_cfg.data_root else DEFAULT_ROOT
-    data = SOURCES[data_cfg.dataset](root=root, cfg=data_cfg)
+    data = SOURCES[data_cfg.dataset](root=data_folder(data_cfg) or DEFAULT_ROOT, cfg=data_cfg)
     check_images(data, data_cfg.dataset)
     size = data_cfg.image_size
     if size and isinstance(data.train_images, torch.Tensor) and data.image_shape[1:] != (size, size):
@@ -98,7 +107,7 @@ def check_images(data: ImageData, name: str) -> None:
                             f"{tuple(data.train_images.shape[1:])}: all images must have one shape")
 
 
-@register_source("digits")
+@register_source("digits", reads_files=False)
 def digits(root: Path, cfg) -> ImageData:
     """scikit-learn's bundled 8x8 digits (1,797 images); a balanced test part is held out."""
     from sklearn.datasets import load_digits
@@ -205,7 +214,7 @@ def cifar100(root: Path, cfg) -> ImageData:
 SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_PER_CLASS, SYNTHETIC_TEST_PER_CLASS = 10, 5000, 1000
 
 
-@register_source("synthetic")
+@register_source("synthetic", reads_files=False)
 def synthetic(root: Path, cfg) -> ImageData:
     """Random RGB images in CIFAR-10's shapes (10 classes, 5,000 training and 1,000 test images
     per class, 32x32 or ``data.image_size``), drawn from ``data.split_seed``: for timing runs where
