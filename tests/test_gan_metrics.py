@@ -11,8 +11,9 @@ import torch.nn as nn
 
 from mlo.data.loaders import to_float, to_uint8
 from mlo.errors import UserError
-from mlo.gan_metrics import (fid_from_features, frechet_distance, gan_train_test, inception_extractor,
-                             inception_score, kid_from_features, per_class_fid, precision_recall_density_coverage)
+from mlo.gan_metrics import (EMBED_BATCH, TFInception, fid_from_features, frechet_distance, gan_train_test,
+                             inception_score, kid_from_features, per_class_fid, precision_recall_density_coverage,
+                             standard_fid)
 from mlo.models.gan.sampling import generate, truncate
 from tests.smooth_models import TanhGenerator
 
@@ -170,25 +171,38 @@ def test_per_class_fid():
 
 
 # ----- feature extractors ------------------------------------------------------------------------
-def test_inception_features_from_a_local_state_dict(tmp_path):
-    from torchvision.models import inception_v3
-    path = tmp_path / "inception_v3.pt"
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), path)
-    extractor = inception_extractor(path, "cpu")
-    gray = torch.rand(2, 1, 8, 8) * 2 - 1      # 1→3 channels, 8→299 pixels
-    emb = extractor.embed([(gray, torch.tensor([0, 1]))])
-    assert emb.features.shape == (2, 2048) and emb.probs.shape == (2, 1000)
-    assert np.isfinite(emb.features).all() and np.allclose(emb.probs.sum(1), 1.0)
-    assert emb.labels.tolist() == [0, 1]
+def _write_pngs(folder, images):
+    from PIL import Image
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img[0].numpy(), mode="L").save(folder / f"{i:03d}.png")
 
 
-def test_inception_weights_that_are_missing_or_not_inception(tmp_path):
+def test_standard_fid_is_clean_fids_own_number_on_the_same_images(tmp_path):
+    """Our in-memory path (uint8 tensors, grayscale as RGB, clean-fid's resizer) against clean-fid's
+    own computation from image files, with the TF-Inception weights of the installed wheel."""
+    from cleanfid.fid import compute_fid
+
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(8, 1, 4, 4, generator=gen), size=16, mode="bilinear")
+    real = (smooth * 255).to(torch.uint8)
+    fake = (smooth * 200 + 40 * torch.rand(8, 1, 16, 16, generator=gen)).to(torch.uint8)
+    _write_pngs(tmp_path / "real", real)
+    _write_pngs(tmp_path / "fake", fake)
+    extractor = TFInception(None, "cpu")
+    ours = standard_fid(extractor, real, fake)
+    theirs = compute_fid(str(tmp_path / "real"), str(tmp_path / "fake"), mode="clean", custom_feat_extractor=extractor,
+                         num_workers=0, batch_size=EMBED_BATCH, device=torch.device("cpu"), verbose=False)
+    assert ours > 1 and abs(ours - theirs) < 1e-3
+
+
+def test_tf_inception_weights_that_are_missing_or_not_inception(tmp_path):
     with pytest.raises(UserError, match="not found.*nothing is downloaded"):
-        inception_extractor(tmp_path / "missing.pt", "cpu")
+        TFInception(tmp_path / "missing.pt", "cpu")
     other = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(3)}, other)
-    with pytest.raises(UserError, match="not a torchvision inception_v3 state_dict"):
-        inception_extractor(other, "cpu")
+    with pytest.raises(UserError, match="is not a TorchScript TF-Inception"):
+        TFInception(other, "cpu")
 
 
 # ----- sampling and GAN-train / GAN-test ---------------------------------------------------------

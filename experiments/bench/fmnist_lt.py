@@ -85,7 +85,7 @@ def gan_section(run_dir: Path, seed: int) -> str:
     result = json.loads(path.read_text()) if path.is_file() else None
     if result is None or result.get("gan_train_test", {}).get("epochs") != GAN_TRAIN_EPOCHS:
         result = measure(restore_generator_run(run_dir, None), n=GAN_IMAGES, seed=seed, truncation=None,
-                         inception_weights=None, gan_train_epochs=GAN_TRAIN_EPOCHS)
+                         gan_train_epochs=GAN_TRAIN_EPOCHS)
         write_gan_metrics(run_dir, result)
     test, g = result["features"]["w1_encoder"]["test"], result["gan_train_test"]
     return (f"Generator of `{run_dir.name}` (EMA), against {test['n_real']} real test images in its W1 encoder's "
