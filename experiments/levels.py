@@ -33,7 +33,8 @@ from problems.mwn import MetaWeightedClassifierProblem, WeightingNetProblem
 from problems.sequential import PregeneratedClassifierProblem
 from experiments.modes import Mode
 
-STREAMS = ("w1", "w2", "disc")  # networks that read A (a neck-form A keeps BN statistics per stream)
+STREAMS = ("w1", "w2", "disc")
+ARCH_DISCRIMINATORS = ("biggan", "acgan", "wacgan_gp")  # discriminators whose body can be a supernet  # networks that read A (a neck-form A keeps BN statistics per stream)
 
 # Random streams of a run by name; the number is the stream's key in the run's seed (never change one:
 # the runs made before would not be reproduced).
@@ -91,6 +92,8 @@ class BuildContext:
         channels, size, _ = self.data.image_shape
         # the activation is passed only where one is asked for: encoders without a choice need not take it
         activation = {} if m.activation == "relu" else {"activation": m.activation}
+        if m.encoder == "pc_darts":
+            activation.update(cells=m.arch_cells, steps=m.arch_nodes, partial=m.arch_partial)
         try:
             encoder = create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width,
                                    **activation)
@@ -118,25 +121,29 @@ class BuildContext:
 
     @property
     def meta_form(self) -> str:
-        """The shape of A (and of the A-shaped modules networks own without a meta level): head or neck."""
-        return "neck" if self.cfg.model.meta == "neck" else "head"
+        """The shape of A (and of the A-shaped modules networks own without a meta level): head, neck or
+        arch (a supernet's architecture, also without a meta level when the encoder is a supernet)."""
+        m = self.cfg.model
+        return "arch" if m.encoder == "pc_darts" else "neck" if m.meta == "neck" else "head"
 
     def create_meta(self, streams: tuple[str, ...]) -> nn.Module:
         m = self.cfg.model
         return create_meta(self.meta_form, self.feature_dim, self.num_classes, streams, m.meta_activation, m.head,
-                           (m.spinal_width, m.spinal_depth))
+                           (m.spinal_width, m.spinal_depth), m.arch_nodes)
 
     def own_head(self) -> nn.Module | None:
-        """The class head of a classifier after a neck-form A (a head-form A is the head itself)."""
+        """The class head of a classifier after a neck- or arch-form A (a head-form A is the head itself)."""
         m = self.cfg.model
-        if self.meta_form != "neck":
+        if self.meta_form == "head":
             return None
         return create_head(m.head, self.feature_dim, self.num_classes, m.meta_activation, (m.spinal_width, m.spinal_depth))
 
     @property
     def meta_features(self) -> int:
-        """The width of A's features (what H's ψ reads)."""
+        """The width of A's features (what H's ψ reads); None: its body's (A is inside the body)."""
         m = self.cfg.model
+        if self.meta_form == "arch":
+            return None
         return m.spinal_width * m.spinal_depth if (self.meta_form, m.head) == ("head", "spinal") else self.feature_dim
 
     @cached_property
@@ -161,10 +168,15 @@ class BuildContext:
     @cached_property
     def gan(self) -> GAN:
         g = self.cfg.gan
-        tied = self.w1_encoder if self.cfg.model.encoders_tied else None
+        body = self.w1_encoder if self.cfg.model.encoders_tied else None
+        if self.meta_form == "arch":
+            if g.generator not in ARCH_DISCRIMINATORS:
+                raise ConfigError(f"model.meta=arch: H reads A through a supernet of its own, which gan.generator="
+                                  f"{g.generator}'s discriminator cannot take; use {', '.join(ARCH_DISCRIMINATORS)}")
+            body = body or self.encoder()  # H's own supernet, of the classifiers' shape
         gan = create_model("gan", g.generator, image_shape=self.data.image_shape, num_classes=self.num_classes,
-                           feature_dim=self.feature_dim, cfg=g, encoder=tied, meta=self.own_meta("disc"),
-                           owns_class_head=self.meta_form == "neck", meta_features=self.meta_features)
+                           feature_dim=self.feature_dim, cfg=g, encoder=body, meta=self.own_meta("disc"),
+                           owns_class_head=self.meta_form != "head", meta_features=self.meta_features)
         if g.gp_weight != GANConfig().gp_weight and gan.objective.gp_weight != g.gp_weight:
             raise ConfigError(f"gan.gp_weight: gan.generator={g.generator} has no gradient penalty; drop it")
         return gan

@@ -28,6 +28,8 @@ from mlo.checkpoint import atomic_write, existing_checkpoint, load_checkpoint, r
 from mlo.config import Config, config_diff, from_dict
 from mlo.data import SHOT_RULE, build_longtail
 from mlo.data.sources import data_folder
+from mlo.models.nas import Architecture, draw_cell, write_genotype
+from problems.base import unwrap
 from mlo.data.loaders import make_loader
 from mlo.distributed import Processes, average_, barrier, gather_objects, sum_
 from mlo.errors import ConfigError, NumericalFault, TrainingStopped, UserError
@@ -41,7 +43,7 @@ from experiments.modes import resolve_mode
 from experiments.phases import build_phases
 
 CHECKPOINT, METRICS, CONFIG, LOG, SEEDS = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv", "seeds.json"
-ALLOCATION_LOG, TENSORBOARD = "allocation_log.csv", "tensorboard"
+ALLOCATION_LOG, TENSORBOARD, GENOTYPE = "allocation_log.csv", "tensorboard", "genotype.json"
 # raised whenever what a checkpoint holds changes shape, so an older one is refused by name, not by a KeyError
 CHECKPOINT_FORMAT = 2  # 2: borrowed gradients of tied encoders ("lent")
 # settings that may change between a checkpoint and its resumption without changing the run
@@ -382,6 +384,7 @@ class Run:
             save_sample_grid(d / "samples.png", self.samples(), nrow=SAMPLES_PER_CLASS)
         if (d / ALLOCATION_LOG).exists():
             plot_allocation_over_time(d / "allocation_over_time.png", self._read_log(ALLOCATION_LOG))
+        searched = self.write_genotype()
         summary = ["| | top-1 % | Many % | Medium % | Few % | ECE | per-class std |", "|---|---|---|---|---|---|---|"]
         for label, m in (("before (W1)", metrics["before"]), ("after (W2)" if metrics["before"] else "W", metrics["after"])):
             if m:
@@ -400,6 +403,11 @@ class Run:
             f"Wall time {metrics['wall_time_s']:.1f} s; {metrics['train_images_per_s']:.1f} real training images/s; "
             f"{metrics['seconds_per_iteration']:.4f} s per iteration.", "",
         ]
+        if searched:
+            report += [f"Searched architecture (`{GENOTYPE}`): normal cell "
+                       f"{', '.join(f'{op}<-{i}' for op, i in searched['normal'])}; reduction cell "
+                       f"{', '.join(f'{op}<-{i}' for op, i in searched['reduce'])}.", "",
+                       "![normal cell](cell_normal.png) ![reduction cell](cell_reduce.png)", ""]
         if "generated_per_class" in metrics:
             report += ["![per-class accuracy](per_class_accuracy.png) ![allocation](allocation.png)", "",
                        "![samples of the EMA generator, one row per class](samples.png)", ""]
@@ -408,6 +416,17 @@ class Run:
         (d / "report.md").write_text("\n".join(report))
         atomic_write(d / METRICS, lambda f: f.write(json.dumps(
             {k: _json_safe(v) for k, v in metrics.items()}, indent=2).encode()))
+
+    def write_genotype(self) -> dict | None:
+        """With an architecture as A: its genotype (``genotype.json``) and its two cells drawn."""
+        arch = unwrap(self.levels["meta"].module) if "meta" in self.levels else None
+        if not isinstance(arch, Architecture):
+            return None
+        genotype = arch.genotype()
+        write_genotype(self.run_dir / GENOTYPE, genotype)
+        for cell in ("normal", "reduce"):
+            draw_cell(self.run_dir / f"cell_{cell}.png", genotype[cell], genotype["steps"], f"{cell} cell")
+        return genotype
 
     @torch.no_grad()
     def samples(self) -> torch.Tensor:

@@ -68,7 +68,9 @@ class ModelConfig:
     meta: str = _f("head", "shared meta-parameters A, learned on D_val: head (the paper's: the last two layers, "
                            "Linear-activation-Linear(d, C), making the logits of W1 and W2), neck (ablation: a "
                            "Linear-BN-activation-Linear block before heads each network trains on D_tr), or none "
-                           "(no meta level: each network owns an A-shaped head)", choices=("head", "neck", "none"))
+                           "(no meta level: each network owns an A-shaped head), or arch (A is the architecture of "
+                           "a PC-DARTS supernet, model.encoder=pc_darts: alpha and beta of its cells, shared by W1, "
+                           "W2 and H, each with a supernet of its own)", choices=("head", "neck", "arch", "none"))
     meta_activation: str = _f("relu", "activation inside A (and inside the heads networks own): relu (the paper's), "
                                       "selu (the mistake-driven scheme's), or a smooth one (gelu, silu, tanh), whose "
                                       "finite-difference hypergradients cross no kink",
@@ -81,6 +83,9 @@ class ModelConfig:
                               "before", min=1)
     activation: str = _f("relu", "activation of the encoders that allow a choice (small_cnn, resnet32, timm models "
                                  "that take act_layer)", choices=("relu", "selu", "gelu"))
+    arch_cells: int = _f(5, "encoder=pc_darts: cells of the supernet (reduction cells at 1/3 and 2/3 of them)", min=1)
+    arch_nodes: int = _f(4, "encoder=pc_darts: intermediate nodes per cell", min=1)
+    arch_partial: int = _f(4, "encoder=pc_darts: K, 1/K of the channels go through each edge's operations", min=1)
     tie_encoders: bool | None = _f(None, "W1, W2 and H share one encoder (parameter tying); "
                                          "null: on for timm backbones, off for the small encoders")
     pretrained_path: str | None = _f(None, "local weights file for the encoder (a state_dict saved with "
@@ -411,6 +416,17 @@ def validate(cfg: Config) -> None:
     reason = unknown_model("encoder", cfg.model.encoder)
     if reason:
         raise ConfigError(f"model.encoder: {reason}")
+    m = cfg.model
+    if (m.meta == "arch") != (m.encoder == "pc_darts") and not (m.meta == "none" and m.encoder == "pc_darts"):
+        raise ConfigError("model.meta=arch: A is the architecture of a PC-DARTS supernet; set model.encoder=pc_darts"
+                          if m.meta == "arch" else f"model.encoder=pc_darts: the supernet reads an architecture A; "
+                          f"set model.meta=arch (or none), not {m.meta}")
+    if m.encoder == "pc_darts" and m.width % m.arch_partial:
+        raise ConfigError(f"model.width={m.width}: pc_darts passes 1/{m.arch_partial} of the channels through each "
+                          f"edge; use a multiple of model.arch_partial")
+    if m.meta == "arch" and cfg.train.posthoc == "crt":
+        raise ConfigError("train.posthoc=crt: cRT retrains a head on W1's encoder alone, and with model.meta=arch "
+                          "that encoder's architecture belongs to the meta level; use train.posthoc=logit_adjust")
     choice("gan.generator", cfg.gan.generator, list_models("gan"))
     choice("train.allocator", cfg.train.allocator, ALLOCATORS)
     choice("train.loss", cfg.train.loss, LOSSES)

@@ -22,12 +22,14 @@ import torch.nn.functional as F
 from mlo.errors import ConfigError
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "selu": F.selu}
-META_FORMS = ("head", "neck")
+META_FORMS = ("head", "neck", "arch")
 HEADS = ("linear", "spinal")
 
 
 class MetaHead(nn.Module):
     """A as the last two layers: ``head(activation(fc1(h)))``, the logits."""
+
+    inside_encoder = False  # A reads the encoder's output (an architecture-form A sits inside the encoder)
 
     def __init__(self, dim: int, num_classes: int, activation: str = "relu"):
         super().__init__()
@@ -50,6 +52,8 @@ class SpinalHead(nn.Module):
     and the output of layer i−1; all layers' outputs concatenated into the final classifier ``head``.
     As A (``model.meta=head``, ``model.head=spinal``) A is this whole head: the spinal stack and the
     classifier, learned on the validation set."""
+
+    inside_encoder = False
 
     def __init__(self, dim: int, num_classes: int, width: int, depth: int, activation: str = "relu"):
         super().__init__()
@@ -77,6 +81,7 @@ class MetaNeck(nn.Module):
     it has no class head (``head`` is None: the network reading it owns one)."""
 
     head = None
+    inside_encoder = False
 
     def __init__(self, dim: int, streams: tuple[str, ...], activation: str = "relu"):
         super().__init__()
@@ -96,9 +101,12 @@ class MetaNeck(nn.Module):
 
 
 def create_meta(form: str, dim: int, num_classes: int, streams: tuple[str, ...], activation: str,
-                head: str = "linear", spinal: tuple[int, int] = (32, 4)) -> nn.Module:
-    """A module of A's shape: ``form`` is ``model.meta`` (head or neck); a head-form A with
-    ``head=spinal`` is a SpinalNet head of ``spinal`` = (width, depth)."""
+                head: str = "linear", spinal: tuple[int, int] = (32, 4), nodes: int = 4) -> nn.Module:
+    """A module of A's shape: ``form`` is ``model.meta`` (head, neck or arch); a head-form A with
+    ``head=spinal`` is a SpinalNet head of ``spinal`` = (width, depth); an arch-form A has cells of ``nodes``."""
+    if form == "arch":
+        from mlo.models.nas import Architecture
+        return Architecture(nodes)
     if form == "head" and head == "spinal":
         return SpinalHead(dim, num_classes, *spinal, activation)
     if form == "head":
@@ -123,11 +131,21 @@ class ReadsA(nn.Module):
         self.meta = meta
         self.own_head = own_head
 
-    def through_a(self, h: torch.Tensor, shared_meta: nn.Module | None) -> tuple[torch.Tensor, nn.Module | None]:
-        """``(features, class head)``: A's features of ``h`` and the head that turns them into logits."""
+    def a(self, shared_meta: nn.Module | None) -> nn.Module:
+        """The A this network reads: its own, or the shared one."""
         meta = self.meta if self.meta is not None else shared_meta
         if meta is None:
             raise ValueError(f"the {self.stream} network reads a shared A, and none was given")
+        return meta
+
+    def encode(self, body: nn.Module, x: torch.Tensor, shared_meta: nn.Module | None) -> torch.Tensor:
+        """``body(x)``; an architecture-form A is read by the body itself."""
+        meta = self.a(shared_meta)
+        return body(x, meta) if meta.inside_encoder else body(x)
+
+    def through_a(self, h: torch.Tensor, shared_meta: nn.Module | None) -> tuple[torch.Tensor, nn.Module | None]:
+        """``(features, class head)``: A's features of ``h`` and the head that turns them into logits."""
+        meta = self.a(shared_meta)
         return meta.features(h, self.stream), self.own_head if self.own_head is not None else meta.head
 
 
@@ -142,14 +160,13 @@ class Classifier(ReadsA):
 
     def forward(self, x: torch.Tensor, shared_meta: nn.Module | None = None, with_features: bool = False):
         """Logits, or ``(logits, features before the head)`` for losses that read features (ISDA)."""
-        features, head = self.through_a(self.encoder(x), shared_meta)
+        features, head = self.through_a(self.encode(self.encoder, x, shared_meta), shared_meta)
         logits = head(features)
         return (logits, features) if with_features else logits
 
     def head_weight(self, shared_meta: nn.Module | None = None) -> torch.Tensor:
         """The weight (C, d) of the linear layer that makes the logits."""
-        meta = self.meta if self.meta is not None else shared_meta
-        return (self.own_head if self.own_head is not None else meta.head).weight
+        return (self.own_head if self.own_head is not None else self.a(shared_meta).head).weight
 
 
 class WeightingNet(nn.Module):

@@ -28,7 +28,7 @@ class ACDiscriminator(ReadsA):
         self.psi = which_linear(width, 1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, shared_meta: nn.Module | None = None):
-        features, head = self.through_a(self.body(x), shared_meta)
+        features, head = self.through_a(self.encode(self.body, x, shared_meta), shared_meta)
         return self.psi(features).squeeze(1), head(features)
 
 

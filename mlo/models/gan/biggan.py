@@ -88,7 +88,7 @@ class ProjectionDiscriminator(ReadsA):
         self.psi = snlinear(width, 1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, shared_meta: nn.Module | None = None) -> torch.Tensor:
-        features, head = self.through_a(self.body(x), shared_meta)
+        features, head = self.through_a(self.encode(self.body, x, shared_meta), shared_meta)
         return self.psi(features).squeeze(1) + head(features).gather(1, y[:, None]).squeeze(1)
 
 

@@ -1,0 +1,273 @@
+"""A as a neural architecture (``model.meta=arch``): the PC-DARTS search space (Xu et al., ICLR 2020).
+
+A cell is a DAG of ``steps`` nodes over the cell's two inputs; every edge mixes the eight
+``PRIMITIVES`` with the softmax of its row of α, through a fraction 1/k of the channels (the rest
+bypass the edge, and a channel shuffle mixes them for the next cell: *partial channel connections*);
+each node sums its incoming edges weighted by the softmax of their β over that node's edges (*edge
+normalization*). A = (α_normal, α_reduce, β_normal, β_reduce) is one ``Architecture`` shared by W1, W2
+and the discriminator, each of which owns its ``Supernet`` (the operations' weights); the meta level
+learns A on the validation set by the same hypergradients as any other A.
+
+At the end of a search ``derive_genotype`` keeps, per node, the two incoming edges with the strongest
+non-``none`` operation (α weighted by β) and on each that operation: the ``genotype.json`` written by a
+run, drawn by ``draw_cell``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mlo.models.registry import register_model
+
+PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+              "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+NONE = PRIMITIVES.index("none")
+
+
+def edge_count(steps: int) -> int:
+    """Edges of a cell: node i reads the two inputs and the i nodes before it."""
+    return sum(2 + i for i in range(steps))
+
+
+# ----- operations ---------------------------------------------------------------------------------
+class Zero(nn.Module):
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        return (x if self.stride == 1 else x[:, :, ::self.stride, ::self.stride]).mul(0.0)
+
+
+def relu_conv_bn(c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool) -> nn.Sequential:
+    return nn.Sequential(nn.ReLU(inplace=False), nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
+                         nn.BatchNorm2d(c_out, affine=affine))
+
+
+def dil_conv(c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int, affine: bool) -> nn.Sequential:
+    """ReLU, a depthwise (dilated) conv, a pointwise conv, BN."""
+    return nn.Sequential(nn.ReLU(inplace=False),
+                         nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
+                         nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out, affine=affine))
+
+
+def sep_conv(c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool) -> nn.Sequential:
+    """Two undilated ``dil_conv``s, the first with the stride."""
+    return nn.Sequential(*dil_conv(c_in, c_in, kernel, stride, padding, 1, affine),
+                         *dil_conv(c_in, c_out, kernel, 1, padding, 1, affine))
+
+
+class FactorizedReduce(nn.Module):
+    """Halve the resolution without losing pixels: two stride-2 1x1 convs, one shifted by a pixel."""
+
+    def __init__(self, c_in: int, c_out: int, affine: bool):
+        super().__init__()
+        self.conv_a = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_b = nn.Conv2d(c_in, c_out - c_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, affine=affine)
+
+    def forward(self, x):
+        x = F.relu(x)
+        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))  # same output size for odd and even inputs
+        return self.bn(torch.cat([self.conv_a(x), self.conv_b(shifted)], dim=1))
+
+
+OPS = {
+    "none": lambda c, stride, affine: Zero(stride),
+    "max_pool_3x3": lambda c, stride, affine: nn.MaxPool2d(3, stride, padding=1),
+    "avg_pool_3x3": lambda c, stride, affine: nn.AvgPool2d(3, stride, padding=1, count_include_pad=False),
+    "skip_connect": lambda c, stride, affine: nn.Identity() if stride == 1 else FactorizedReduce(c, c, affine),
+    "sep_conv_3x3": lambda c, stride, affine: sep_conv(c, c, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda c, stride, affine: sep_conv(c, c, 5, stride, 2, affine),
+    "dil_conv_3x3": lambda c, stride, affine: dil_conv(c, c, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda c, stride, affine: dil_conv(c, c, 5, stride, 4, 2, affine),
+}
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class MixedOp(nn.Module):
+    """One edge of the supernet: the α-weighted sum of every operation on the first 1/k of the
+    channels; the other channels bypass it (max-pooled where the edge reduces), then a shuffle."""
+
+    def __init__(self, channels: int, stride: int, partial: int):
+        super().__init__()
+        if channels % partial:
+            raise ValueError(f"{channels} channels do not split into 1/{partial}")
+        self.partial = partial
+        part = channels // partial
+        # pooling has no weights to scale its output: an affine-free BN puts it on the convs' scale
+        self.ops = nn.ModuleList(
+            nn.Sequential(OPS[name](part, stride, False), nn.BatchNorm2d(part, affine=False)) if "pool" in name
+            else OPS[name](part, stride, False) for name in PRIMITIVES)
+        self.bypass = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        part = x.shape[1] // self.partial
+        mixed = sum(w * op(x[:, :part]) for w, op in zip(weights, self.ops))
+        return channel_shuffle(torch.cat([mixed, self.bypass(x[:, part:])], dim=1), self.partial)
+
+
+class SearchCell(nn.Module):
+    """A normal or reduction cell of the supernet: ``steps`` nodes, the output the concatenation of them."""
+
+    def __init__(self, steps: int, c_prev_prev: int, c_prev: int, channels: int, reduction: bool,
+                 reduction_prev: bool, partial: int):
+        super().__init__()
+        self.steps, self.reduction = steps, reduction
+        self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, False) if reduction_prev
+                            else relu_conv_bn(c_prev_prev, channels, 1, 1, 0, False))
+        self.preprocess1 = relu_conv_bn(c_prev, channels, 1, 1, 0, False)
+        self.edges = nn.ModuleList(MixedOp(channels, 2 if reduction and j < 2 else 1, partial)
+                                   for i in range(steps) for j in range(2 + i))
+        self.out_channels = steps * channels
+
+    def forward(self, s0, s1, op_weights: torch.Tensor, edge_weights: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self.steps):
+            states.append(sum(edge_weights[offset + j] * self.edges[offset + j](h, op_weights[offset + j])
+                              for j, h in enumerate(states)))
+            offset += len(states) - 1
+        return torch.cat(states[2:], dim=1)
+
+
+# ----- A ------------------------------------------------------------------------------------------
+class Architecture(nn.Module):
+    """A as an architecture: α (edges × operations) and β (edges) of the normal and the reduction cell.
+
+    It sits inside the networks that read it (``inside_encoder``): their encoder takes it as an argument
+    and their own class head reads the encoder's features, which A passes on unchanged."""
+
+    inside_encoder = True
+    head = None
+
+    def __init__(self, steps: int = 4):
+        super().__init__()
+        self.steps = steps
+        edges = edge_count(steps)
+        # small random values (as DARTS): near-uniform mixtures that still break ties between edges
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(edges, len(PRIMITIVES)))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(edges, len(PRIMITIVES)))
+        self.beta_normal = nn.Parameter(1e-3 * torch.randn(edges))
+        self.beta_reduce = nn.Parameter(1e-3 * torch.randn(edges))
+        self.out_features = None  # the width of the features is the encoder's
+
+    def features(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
+        return h
+
+    def weights(self, reduction: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(operation weights: softmax of α per edge, edge weights: softmax of β over each node's edges)."""
+        alpha, beta = (self.alpha_reduce, self.beta_reduce) if reduction else (self.alpha_normal, self.beta_normal)
+        edges, start = [], 0
+        for i in range(self.steps):
+            edges.append(F.softmax(beta[start:start + 2 + i], dim=0))
+            start += 2 + i
+        return F.softmax(alpha, dim=-1), torch.cat(edges)
+
+    @torch.no_grad()
+    def genotype(self) -> dict:
+        """The discrete cells this A stands for (``derive_genotype`` of both cells)."""
+        cells = {}
+        for name, reduction in (("normal", False), ("reduce", True)):
+            op_weights, edge_weights = self.weights(reduction)
+            cells[name] = derive_genotype(op_weights * edge_weights[:, None], self.steps)
+            cells[f"{name}_concat"] = list(range(2, 2 + self.steps))
+        return {"steps": self.steps, **cells}
+
+
+def derive_genotype(weights: torch.Tensor, steps: int) -> list[tuple[str, int]]:
+    """Per node, the two incoming edges whose strongest non-``none`` operation weighs most, each with
+    that operation: ``[(operation, input index), ...]``, two per node (inputs 0 and 1 are the cell's)."""
+    gene, start = [], 0
+    for i in range(steps):
+        rows = weights[start:start + 2 + i].clone()
+        rows[:, NONE] = -float("inf")
+        strongest, ops = rows.max(dim=1)
+        for j in sorted(torch.argsort(strongest, descending=True, stable=True)[:2].tolist()):
+            gene.append((PRIMITIVES[ops[j]], j))
+        start += 2 + i
+    return gene
+
+
+# ----- the supernet -------------------------------------------------------------------------------
+class Supernet(nn.Module):
+    """A stem and ``cells`` search cells (reduction cells at 1/3 and 2/3 of the depth), global average
+    pooling: image → ``out_dim`` features, given the A to read (``forward(x, arch)``)."""
+
+    reads_architecture = True
+
+    def __init__(self, in_channels: int, width: int, cells: int, steps: int, partial: int, stem_multiplier: int = 3):
+        super().__init__()
+        self.steps = steps
+        c_stem = stem_multiplier * width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem))
+        c_prev_prev, c_prev, channels, reduction_prev = c_stem, c_stem, width, False
+        self.cells = nn.ModuleList()
+        for i in range(cells):
+            reduction = i in (cells // 3, 2 * cells // 3)
+            channels = channels * 2 if reduction else channels
+            cell = SearchCell(steps, c_prev_prev, c_prev, channels, reduction, reduction_prev, partial)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            c_prev_prev, c_prev = c_prev, cell.out_channels
+        self.out_dim = c_prev
+
+    def forward(self, x: torch.Tensor, arch: Architecture) -> torch.Tensor:
+        if arch.steps != self.steps:
+            raise ValueError(f"the supernet has {self.steps} nodes per cell, A {arch.steps}")
+        weights = {False: arch.weights(False), True: arch.weights(True)}
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, *weights[cell.reduction])
+        return s1.mean(dim=(2, 3))
+
+
+@register_model("encoder")
+def pc_darts(in_channels: int = 3, image_size: int = 32, width: int = 16, cells: int = 5, steps: int = 4,
+             partial: int = 4) -> Supernet:
+    """The PC-DARTS supernet (``model.meta=arch``): ``width`` channels in the first cells, doubled at each
+    reduction; 1/``partial`` of the channels through each edge's operations."""
+    return Supernet(in_channels, width, cells, steps, partial)
+
+
+# ----- the genotype on disk and drawn -------------------------------------------------------------
+def write_genotype(path: Path, genotype: dict) -> None:
+    from mlo.checkpoint import atomic_write
+    atomic_write(Path(path), lambda f: f.write(json.dumps(genotype, indent=2).encode()))
+
+
+def draw_cell(path: Path, gene: list, steps: int, title: str) -> None:
+    """The cell as a graph: the two inputs on the left, the nodes in a column, the output on the right;
+    each kept edge labelled with its operation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["c_{k-2}", "c_{k-1}", *map(str, range(steps))]
+    pos = {0: (0.0, 0.75), 1: (0.0, 0.25), **{2 + i: (1.0 + 0.6 * (i % 2), 1 - (i + 0.5) / steps) for i in range(steps)}}
+    out = (2.4, 0.5)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.9 * steps))
+    for i in range(steps):
+        for op, src in gene[2 * i:2 * i + 2]:
+            (x0, y0), (x1, y1) = pos[src], pos[2 + i]
+            ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "-|>", "color": "0.4", "shrinkA": 12, "shrinkB": 12})
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2, op, fontsize=7, ha="center", va="center",
+                    bbox={"boxstyle": "round", "fc": "white", "ec": "none", "alpha": 0.8})
+        ax.annotate("", xy=out, xytext=pos[2 + i], arrowprops={"arrowstyle": "-|>", "color": "0.75", "shrinkA": 12, "shrinkB": 18})
+    for k, (x, y) in pos.items():
+        ax.text(x, y, names[k], ha="center", va="center", bbox={"boxstyle": "circle", "fc": "lightblue" if k > 1 else "lightgreen"})
+    ax.text(*out, "c_{k}", ha="center", va="center", bbox={"boxstyle": "circle", "fc": "khaki"})
+    ax.set_xlim(-0.3, 2.7)
+    ax.set_ylim(-0.1, 1.1)
+    ax.axis("off")
+    ax.set_title(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
