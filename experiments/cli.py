@@ -60,6 +60,8 @@ def print_table(run, metrics: dict) -> None:
     few = [c for c, n in enumerate(metrics["train_counts"]) if n == min(metrics["train_counts"])]
     tail = lambda m: 100 * sum(m["per_class_acc"][c] for c in few) / len(few)
     line = f"test top-1: {100 * after['top1']:.2f}%"
+    if after.get("top5") is not None:
+        line += f"  top-5: {100 * after['top5']:.2f}%"
     if before:
         line = (f"test top-1: before (W1) {100 * before['top1']:.2f}%  after (W2) {100 * after['top1']:.2f}%   "
                 f"tail class: before {tail(before):.1f}%  after {tail(after):.1f}%")

@@ -92,8 +92,12 @@ class BuildContext:
         channels, size, _ = self.data.image_shape
         # the activation is passed only where one is asked for: encoders without a choice need not take it
         activation = {} if m.activation == "relu" else {"activation": m.activation}
+        a = self.cfg.arch
         if m.encoder == "pc_darts":
-            activation.update(cells=m.arch_cells, steps=m.arch_nodes, partial=m.arch_partial)
+            activation.update(cells=a.cells, steps=a.nodes, partial=a.partial)
+        if m.encoder == "darts":
+            activation.update(cells=a.cells, genotype=a.genotype, num_classes=self.num_classes,
+                              drop_path=a.drop_path, auxiliary_weight=a.auxiliary_weight)
         try:
             encoder = create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width,
                                    **activation)
@@ -129,7 +133,7 @@ class BuildContext:
     def create_meta(self, streams: tuple[str, ...]) -> nn.Module:
         m = self.cfg.model
         return create_meta(self.meta_form, self.feature_dim, self.num_classes, streams, m.meta_activation, m.head,
-                           (m.spinal_width, m.spinal_depth), m.arch_nodes)
+                           (m.spinal_width, m.spinal_depth), self.cfg.arch.nodes)
 
     def own_head(self) -> nn.Module | None:
         """The class head of a classifier after a neck- or arch-form A (a head-form A is the head itself)."""

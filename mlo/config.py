@@ -51,6 +51,8 @@ class DataConfig:
                                 "(not for imagenet_lt: ImageNet_LT_val.txt is its validation set)", min=1)
     test_per_class: int = _f(50, "digits, image_folder, caltech101 (sets without a test split of their own): "
                                  "balanced test images per class held out", min=1)
+    train_on_val: bool = _f(False, "train on the training and the validation images together (a final "
+                                   "evaluation, e.g. of a searched architecture; vanilla mode only)")
     split_seed: int = _f(0, "seed of the long-tail shuffle and the validation split (unused by imagenet_lt)", min=0)
     augment: str = _f("none", "training augmentation: pad-and-crop (and flip) on the device for in-memory "
                               "sources, RandomResizedCrop (and flip) for imagenet_lt",
@@ -83,9 +85,6 @@ class ModelConfig:
                               "before", min=1)
     activation: str = _f("relu", "activation of the encoders that allow a choice (small_cnn, resnet32, timm models "
                                  "that take act_layer)", choices=("relu", "selu", "gelu"))
-    arch_cells: int = _f(5, "encoder=pc_darts: cells of the supernet (reduction cells at 1/3 and 2/3 of them)", min=1)
-    arch_nodes: int = _f(4, "encoder=pc_darts: intermediate nodes per cell", min=1)
-    arch_partial: int = _f(4, "encoder=pc_darts: K, 1/K of the channels go through each edge's operations", min=1)
     tie_encoders: bool | None = _f(None, "W1, W2 and H share one encoder (parameter tying); "
                                          "null: on for timm backbones, off for the small encoders")
     pretrained_path: str | None = _f(None, "local weights file for the encoder (a state_dict saved with "
@@ -95,6 +94,20 @@ class ModelConfig:
     def encoders_tied(self) -> bool:
         """``tie_encoders`` with null resolved: large (timm) backbones are shared, small ones are not."""
         return self.encoder.startswith("timm:") if self.tie_encoders is None else self.tie_encoders
+
+
+@dataclass
+class ArchConfig:
+    cells: int = _f(5, "cells of the PC-DARTS supernet (model.encoder=pc_darts) or of the network built from a "
+                       "genotype (model.encoder=darts); reduction cells at 1/3 and 2/3 of them", min=1)
+    nodes: int = _f(4, "pc_darts: intermediate nodes per cell (a genotype brings its own)", min=1)
+    partial: int = _f(4, "pc_darts: K, 1/K of the channels go through each edge's operations", min=1)
+    genotype: str | None = _f(None, "model.encoder=darts: the genotype.json a search wrote (RUN_DIR/genotype.json), "
+                                    "or a published cell by name (pc_darts_cifar10)")
+    drop_path: float = _f(0.0, "darts: probability of dropping each operation's path in training (constant; "
+                               "DARTS' evaluation uses 0.2 on CIFAR)", min=0.0, max=0.9)
+    auxiliary_weight: float = _f(0.0, "darts: weight of the loss of an auxiliary head at 2/3 of the depth (DARTS: "
+                                      "0.4); 0: no auxiliary head", min=0.0)
 
 
 @dataclass
@@ -228,7 +241,8 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "data": DataConfig, "model": ModelConfig, "gan": GANConfig, "train": TrainConfig, "run": RunConfig,
+    "data": DataConfig, "model": ModelConfig, "arch": ArchConfig, "gan": GANConfig, "train": TrainConfig,
+    "run": RunConfig,
 }
 
 
@@ -236,6 +250,7 @@ SECTIONS: dict[str, type] = {
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -421,9 +436,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.meta=arch: A is the architecture of a PC-DARTS supernet; set model.encoder=pc_darts"
                           if m.meta == "arch" else f"model.encoder=pc_darts: the supernet reads an architecture A; "
                           f"set model.meta=arch (or none), not {m.meta}")
-    if m.encoder == "pc_darts" and m.width % m.arch_partial:
-        raise ConfigError(f"model.width={m.width}: pc_darts passes 1/{m.arch_partial} of the channels through each "
-                          f"edge; use a multiple of model.arch_partial")
+    if m.encoder == "pc_darts" and m.width % cfg.arch.partial:
+        raise ConfigError(f"model.width={m.width}: pc_darts passes 1/{cfg.arch.partial} of the channels through each "
+                          f"edge; use a multiple of arch.partial")
+    if (m.encoder == "darts") != (cfg.arch.genotype is not None):
+        raise ConfigError("model.encoder=darts: the network is built from a searched genotype; give "
+                          "arch.genotype=RUN_DIR/genotype.json" if m.encoder == "darts" else
+                          f"arch.genotype: only model.encoder=darts is built from a genotype (not {m.encoder})")
+    if cfg.data.train_on_val and cfg.train.mode != "vanilla":
+        raise ConfigError(f"data.train_on_val: train.mode={cfg.train.mode} learns on the validation set; train on "
+                          f"it only in vanilla mode")
     if m.meta == "arch" and cfg.train.posthoc == "crt":
         raise ConfigError("train.posthoc=crt: cRT retrains a head on W1's encoder alone, and with model.meta=arch "
                           "that encoder's architecture belongs to the meta level; use train.posthoc=logit_adjust")

@@ -39,12 +39,15 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins:
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, train_counts) -> dict:
-    """Top-1 and per-class accuracy (as fractions), shot-group means, ECE and per-class std."""
+    """Top-1, top-5 (None under six classes) and per-class accuracy (as fractions), shot-group means, ECE
+    and per-class std."""
     num_classes = len(train_counts)
     per_class = per_class_accuracy(logits, labels, num_classes)
     groups = shot_groups(train_counts)
+    top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).double().mean() if num_classes > 5 else None
     return {
         "top1": float((logits.argmax(1) == labels).double().mean()),
+        "top5": None if top5 is None else float(top5),
         "per_class_acc": per_class.tolist(),
         **{name: (float(per_class[idx].mean()) if idx else None) for name, idx in groups.items()},
         "ece": expected_calibration_error(logits, labels),

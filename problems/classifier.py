@@ -77,7 +77,9 @@ class ClassifierProblem(LevelProblem):
         return (losses, features) if with_features else losses
 
     def training_step(self, batch):
-        return self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"])).mean()
+        loss = self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"])).mean()
+        auxiliary = getattr(unwrap(self.module).encoder, "auxiliary_loss", None)  # a searched network's (DARTS)
+        return loss if auxiliary is None else loss + auxiliary(batch["y"])
 
     def process_state(self):
         # a loss's feature statistics (ISDA) are each process's own, from its share of the batches

@@ -3,18 +3,21 @@ of α and β, and a search through the CLI."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
+import yaml
 
 from experiments.cli import main
-from mlo.models.nas import (NONE, PRIMITIVES, Architecture, MixedOp, Supernet, channel_shuffle, derive_genotype,
-                            edge_count)
+from mlo.errors import ConfigError
+from mlo.models.nas import (NONE, PRIMITIVES, Architecture, GenotypeNetwork, MixedOp, Supernet, channel_shuffle,
+                            derive_genotype, edge_count, read_genotype)
 from tests.conftest import build_run
 from tests.test_hypergradient import run_and_compare
 
-TINY_SUPERNET = ["model.encoder=pc_darts", "model.meta=arch", "model.width=4", "model.arch_cells=3",
-                 "model.arch_nodes=2", "model.arch_partial=2"]
+TINY_SUPERNET = ["model.encoder=pc_darts", "model.meta=arch", "model.width=4", "arch.cells=3", "arch.nodes=2",
+                 "arch.partial=2"]
 
 
 def test_supernet_shapes_and_gradients_reach_every_part_of_a():
@@ -109,6 +112,49 @@ def test_a_search_through_the_cli_writes_the_genotype_and_its_cells(tmp_path, mo
         assert (run_dir / f"cell_{cell}.png").read_bytes()[:4] == b"\x89PNG"
     assert "Searched architecture" in (run_dir / "report.md").read_text()
 
+    # evaluation: the searched network from scratch on train + validation, with drop-path and an auxiliary head
+    assert main(["run", "model.encoder=darts", f"arch.genotype={run_dir / 'genotype.json'}", "arch.cells=3",
+                 "model.width=4", "arch.drop_path=0.2", "arch.auxiliary_weight=0.4", "data.train_on_val=true",
+                 "mode=vanilla", "epochs=1", "progress=false", "device=cpu", "name=evaluate"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "evaluate" / "metrics.json").read_text())
+    assert 0 <= metrics["after"]["top1"] <= metrics["after"]["top5"] <= 1
+    search_counts = json.loads((run_dir / "metrics.json").read_text())["train_counts"]
+    val_per_class = yaml.safe_load((tmp_path / "runs" / "evaluate" / "config.yaml").read_text())["data"]["val_per_class"]
+    assert sum(metrics["train_counts"]) == sum(search_counts) + 10 * val_per_class  # the validation images joined
+
+
+def test_the_searched_network_follows_its_genotype_and_trains_its_auxiliary_head():
+    genotype = {"normal": [["sep_conv_3x3", 0], ["skip_connect", 1], ["max_pool_3x3", 2], ["dil_conv_3x3", 0]],
+                "normal_concat": [2, 3], "reduce": [["avg_pool_3x3", 0], ["sep_conv_5x5", 1], ["skip_connect", 2],
+                                                   ["dil_conv_5x5", 1]], "reduce_concat": [2, 3]}
+    net = GenotypeNetwork(1, 4, 3, genotype, num_classes=10, drop_path=0.3, auxiliary_weight=0.4)
+    assert [type(op).__name__ for op in net.cells[0].ops] == ["Sequential", "Identity", "MaxPool2d", "Sequential"]
+    assert net.cells[0].inputs == [0, 1, 2, 0] and net.out_dim == 2 * 16
+    labels = torch.randint(0, 10, (4,))
+    features = net(torch.randn(4, 1, 16, 16))
+    loss = net.auxiliary_loss(labels)
+    assert features.shape == (4, 32) and net.auxiliary_logits.shape == (4, 10) and loss > 0
+    loss.backward()
+    assert net.auxiliary.classifier.weight.grad is not None
+    net.eval()
+    net(torch.randn(4, 1, 16, 16))
+    assert net.auxiliary_loss(labels) == 0.0  # in evaluation the auxiliary head is not run
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{", "is not a JSON genotype"),
+    ('{"normal": [["conv_7x7", 0], ["skip_connect", 1]], "normal_concat": [2]}', "normal edge 0 (conv_7x7, 0)"),
+    ('{"normal": [["skip_connect", 3], ["skip_connect", 1]], "normal_concat": [2]}', "normal edge 0 (skip_connect, 3)"),
+    ('{"normal": [["skip_connect", 0], ["skip_connect", 1]], "normal_concat": [2]}', "no valid 'reduce' cell"),
+])
+def test_a_genotype_file_that_is_not_one_is_refused_by_name(text, message, tmp_path):
+    path = tmp_path / "genotype.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_genotype(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_genotype(tmp_path / "missing.json")
+
 
 @pytest.mark.parametrize("overrides,message", [
     (["model.meta=arch"], "model.meta=arch: A is the architecture of a PC-DARTS supernet; set model.encoder=pc_darts"),
@@ -116,9 +162,20 @@ def test_a_search_through_the_cli_writes_the_genotype_and_its_cells(tmp_path, mo
     (["model.encoder=pc_darts", "model.meta=arch", "model.width=6"], "model.width=6: pc_darts passes 1/4"),
     (["model.encoder=pc_darts", "model.meta=arch", "mode=vanilla", "posthoc=crt"], "train.posthoc=crt: cRT retrains"),
     (["model.encoder=pc_darts", "model.meta=arch", "gan.generator=vcgan"], "model.meta=arch: H reads A through a supernet"),
+    (["model.encoder=darts"], "model.encoder=darts: the network is built from a searched genotype"),
+    (["arch.genotype=g.json"], "arch.genotype: only model.encoder=darts is built from a genotype"),
+    (["model.encoder=darts", "arch.genotype=missing.json", "mode=vanilla"], "arch.genotype: 'missing.json' does not exist"),
+    (["data.train_on_val=true"], "data.train_on_val: train.mode=end2end learns on the validation set"),
 ])
 def test_architecture_settings_that_cannot_work_are_refused(overrides, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["run", *overrides, "epochs=1", "progress=false", "device=cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_the_published_pc_darts_cell_is_shipped_by_name():
+    genotype = read_genotype("pc_darts_cifar10")
+    assert genotype["normal"][0] == ["sep_conv_3x3", 1] and genotype["reduce_concat"] == [2, 3, 4, 5]
+    net = GenotypeNetwork(3, 4, 3, genotype, num_classes=10)
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, net.out_dim) and net.out_dim == 4 * 16

@@ -35,9 +35,13 @@ def build_longtail(data_cfg) -> LongTailData:
     split = source.split if source.split is not None else longtail_split(
         source.train_labels, source.num_classes, data_cfg.imbalance_factor, data_cfg.val_per_class,
         data_cfg.split_seed, data_cfg.n_max)
+    train, counts = split.train, split.counts
+    if data_cfg.train_on_val:  # a final evaluation: the validation images join the training set
+        train = np.concatenate([split.train, split.val])
+        counts = np.bincount(source.train_labels[train], minlength=source.num_classes).tolist()
     return LongTailData(
-        train_images=source.train_images[split.train], train_labels=source.train_labels[split.train],
+        train_images=source.train_images[train], train_labels=source.train_labels[train],
         val_images=source.train_images[split.val], val_labels=source.train_labels[split.val],
         test_images=source.test_images, test_labels=source.test_labels,
-        classes=source.classes, train_counts=split.counts,
+        classes=source.classes, train_counts=counts,
     )

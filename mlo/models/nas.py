@@ -10,7 +10,8 @@ learns A on the validation set by the same hypergradients as any other A.
 
 At the end of a search ``derive_genotype`` keeps, per node, the two incoming edges with the strongest
 non-``none`` operation (α weighted by β) and on each that operation: the ``genotype.json`` written by a
-run, drawn by ``draw_cell``.
+run, drawn by ``draw_cell``; ``model.encoder=darts`` with ``arch.genotype`` builds the network it
+describes (``GenotypeNetwork``, with DARTS' drop-path and auxiliary head) to train from scratch.
 """
 from __future__ import annotations
 
@@ -236,6 +237,140 @@ def pc_darts(in_channels: int = 3, image_size: int = 32, width: int = 16, cells:
     """The PC-DARTS supernet (``model.meta=arch``): ``width`` channels in the first cells, doubled at each
     reduction; 1/``partial`` of the channels through each edge's operations."""
     return Supernet(in_channels, width, cells, steps, partial)
+
+
+# ----- the network a genotype describes (evaluation) ----------------------------------------------
+def drop_path(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero a whole sample's path with probability ``p`` (scaling the kept ones by 1/(1−p))."""
+    keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class GenotypeCell(nn.Module):
+    """A cell of the searched network: each node sums the two operations the genotype keeps for it."""
+
+    def __init__(self, gene: list, concat: list[int], c_prev_prev: int, c_prev: int, channels: int,
+                 reduction: bool, reduction_prev: bool):
+        super().__init__()
+        self.reduction = reduction
+        self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, True) if reduction_prev
+                            else relu_conv_bn(c_prev_prev, channels, 1, 1, 0, True))
+        self.preprocess1 = relu_conv_bn(c_prev, channels, 1, 1, 0, True)
+        self.ops = nn.ModuleList(OPS[op](channels, 2 if reduction and i < 2 else 1, True) for op, i in gene)
+        self.inputs = [i for _, i in gene]
+        self.concat = list(concat)
+        self.out_channels = len(concat) * channels
+
+    def forward(self, s0, s1, drop_prob: float) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for node in range(len(self.ops) // 2):
+            total = 0
+            for k in (2 * node, 2 * node + 1):
+                out = self.ops[k](states[self.inputs[k]])
+                if self.training and drop_prob > 0 and not isinstance(self.ops[k], nn.Identity):
+                    out = drop_path(out, drop_prob)
+                total = total + out
+            states.append(total)
+        return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+class AuxiliaryHead(nn.Module):
+    """DARTS' auxiliary classifier, with an adaptive pool so that it fits any resolution."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Conv2d(channels, 128, 1, bias=False), nn.BatchNorm2d(128),
+            nn.ReLU(), nn.Conv2d(128, 768, 2, bias=False), nn.BatchNorm2d(768), nn.ReLU())
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class GenotypeNetwork(nn.Module):
+    """The network a genotype describes, trained from scratch: a stem, ``cells`` cells (reductions at 1/3
+    and 2/3), global pooling → ``out_dim`` features; drop-path on the operations, and an auxiliary head
+    after the second reduction whose loss (``auxiliary_loss``) the classifier level adds in training."""
+
+    def __init__(self, in_channels: int, width: int, cells: int, genotype: dict, num_classes: int,
+                 drop_path: float = 0.0, auxiliary_weight: float = 0.0, stem_multiplier: int = 3):
+        super().__init__()
+        self.drop_prob, self.auxiliary_weight = drop_path, auxiliary_weight
+        c_stem = stem_multiplier * width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem))
+        c_prev_prev, c_prev, channels, reduction_prev = c_stem, c_stem, width, False
+        self.cells = nn.ModuleList()
+        self.auxiliary, self.auxiliary_after = None, 2 * cells // 3
+        for i in range(cells):
+            reduction = i in (cells // 3, 2 * cells // 3)
+            channels = channels * 2 if reduction else channels
+            kind = "reduce" if reduction else "normal"
+            cell = GenotypeCell(genotype[kind], genotype[f"{kind}_concat"], c_prev_prev, c_prev, channels,
+                                reduction, reduction_prev)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            c_prev_prev, c_prev = c_prev, cell.out_channels
+            if i == self.auxiliary_after and auxiliary_weight > 0:
+                self.auxiliary = AuxiliaryHead(c_prev, num_classes)
+        self.out_dim = c_prev
+        self.auxiliary_logits = None  # of the last forward in training mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.auxiliary_logits = None
+        s0 = s1 = self.stem(x)
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_prob)
+            if i == self.auxiliary_after and self.auxiliary is not None and self.training:
+                self.auxiliary_logits = self.auxiliary(s1)
+        return s1.mean(dim=(2, 3))
+
+    def auxiliary_loss(self, labels: torch.Tensor) -> torch.Tensor | float:
+        """The weighted cross-entropy of the auxiliary head on the last training forward (0 without one)."""
+        if self.auxiliary_logits is None:
+            return 0.0
+        return self.auxiliary_weight * F.cross_entropy(self.auxiliary_logits, labels)
+
+
+SHIPPED_GENOTYPES = Path(__file__).parent / "genotypes"  # published cells, by name (pc_darts_cifar10)
+
+
+def read_genotype(path: str | Path) -> dict:
+    """A ``genotype.json`` (or the name of a shipped one) checked against the search space; a
+    ConfigError names what is wrong."""
+    from mlo.errors import ConfigError
+
+    shipped = SHIPPED_GENOTYPES / f"{path}.json"
+    path = shipped if shipped.is_file() else Path(path).expanduser()
+    try:
+        genotype = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"arch.genotype: '{path}' does not exist; give the genotype.json a search wrote") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"arch.genotype: '{path}' is not a JSON genotype ({str(exc)[:80]})") from None
+    for kind in ("normal", "reduce"):
+        gene, concat = genotype.get(kind), genotype.get(f"{kind}_concat")
+        if not isinstance(gene, list) or not gene or len(gene) % 2 or not isinstance(concat, list):
+            raise ConfigError(f"arch.genotype: '{path}' has no valid '{kind}' cell (two (operation, input) "
+                              f"pairs per node and '{kind}_concat')")
+        for node, (op, i) in enumerate(gene):
+            if op not in OPS or op == "none" or not 0 <= i < 2 + node // 2:
+                raise ConfigError(f"arch.genotype: '{path}': {kind} edge {node} ({op}, {i}) is not an operation "
+                                  f"of the search space on an earlier node")
+        if not all(isinstance(c, int) and 0 <= c < 2 + len(gene) // 2 for c in concat):
+            raise ConfigError(f"arch.genotype: '{path}': {kind}_concat {concat} names nodes the cell does not have")
+    return genotype
+
+
+@register_model("encoder")
+def darts(in_channels: int = 3, image_size: int = 32, width: int = 16, cells: int = 8, genotype: str | None = None,
+          num_classes: int = 10, drop_path: float = 0.0, auxiliary_weight: float = 0.0) -> GenotypeNetwork:
+    """The network of a searched genotype (``arch.genotype``), trained from scratch (DARTS' evaluation)."""
+    if genotype is None:
+        from mlo.errors import ConfigError
+        raise ConfigError("model.encoder=darts: give arch.genotype=RUN_DIR/genotype.json")
+    return GenotypeNetwork(in_channels, width, cells, read_genotype(genotype), num_classes, drop_path,
+                           auxiliary_weight)
 
 
 # ----- the genotype on disk and drawn -------------------------------------------------------------
