@@ -3,7 +3,9 @@ of α and β, and a search through the CLI."""
 from __future__ import annotations
 
 import json
+import random
 import re
+import signal
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from mlo.models.nas import (NONE, PRIMITIVES, Architecture, GenotypeNetwork, Mix
                             derive_genotype, edge_count, read_genotype)
 from tests.conftest import build_run
 from tests.test_hypergradient import run_and_compare
+from tests.test_reliability import interrupt_after_progress, metrics_without_timing, start
 
 TINY_SUPERNET = ["model.encoder=pc_darts", "model.meta=arch", "model.width=4", "arch.cells=3", "arch.nodes=2",
                  "arch.partial=2"]
@@ -179,3 +182,21 @@ def test_the_published_pc_darts_cell_is_shipped_by_name():
     assert genotype["normal"][0] == ["sep_conv_3x3", 1] and genotype["reduce_concat"] == [2, 3, 4, 5]
     net = GenotypeNetwork(3, 4, 3, genotype, num_classes=10)
     assert net(torch.randn(2, 3, 8, 8)).shape == (2, net.out_dim) and net.out_dim == 4 * 16
+
+
+def test_a_search_stopped_midway_resumes_to_the_same_architecture(tmp_path):
+    """SIGTERM mid-search, then --resume: the same genotype and metrics as a search never stopped."""
+    search = [*TINY_SUPERNET, "mode=vanilla_meta", "epochs=3", "meta_every=2", "checkpoint_every=3", "progress=false",
+              "device=cpu"]
+    reference = start("run", *search, "name=reference", cwd=tmp_path)
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-2000:]
+    run_dir = tmp_path / "runs" / "stopped"
+    proc = start("run", *search, "name=stopped", cwd=tmp_path)
+    code, err = interrupt_after_progress(proc, run_dir, signal.SIGTERM, past_step=6, rng=random.Random(0))
+    assert code == 143 and not (run_dir / "genotype.json").exists(), err[-2000:]
+    resumed = start("run", "--resume", str(run_dir), cwd=tmp_path)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert (run_dir / "genotype.json").read_text() == (tmp_path / "runs" / "reference" / "genotype.json").read_text()
+    assert metrics_without_timing(run_dir) == metrics_without_timing(tmp_path / "runs" / "reference")
