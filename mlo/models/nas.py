@@ -108,7 +108,7 @@ class MixedOp(nn.Module):
         self.ops = nn.ModuleList(
             nn.Sequential(OPS[name](part, stride, False), nn.BatchNorm2d(part, affine=False)) if "pool" in name
             else OPS[name](part, stride, False) for name in PRIMITIVES)
-        self.bypass = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
+        self.bypass = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()  # odd sizes as the ops
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         part = x.shape[1] // self.partial
