@@ -278,10 +278,12 @@ class Run:
         if path is None:
             raise UserError(f"no checkpoint in '{self.run_dir}'")
         state = load_checkpoint(path, map_location=self.device)
-        if state.get("format", 1) != CHECKPOINT_FORMAT:
-            raise UserError(f"checkpoint '{path}' was written by another version of needsgen (format "
-                            f"{state.get('format', 1)}, this one reads {CHECKPOINT_FORMAT}); finish it with that "
-                            "version, or delete the run directory to start over")
+        written = state.get("format", 1)
+        # format 1 lacks only the gradients borrowers lend a tied encoder: readable where encoders are untied
+        if written > CHECKPOINT_FORMAT or (written == 1 and self.cfg.model.encoders_tied):
+            raise UserError(f"checkpoint '{path}' was written by another version of needsgen (format {written}, "
+                            f"this one reads {CHECKPOINT_FORMAT}{' with tied encoders' if written == 1 else ''}); "
+                            "finish it with that version, or delete the run directory to start over")
         diff = config_diff(from_dict(state["config"], source=str(path)), self.cfg, ignore=RESUMABLE_CHANGES)
         if diff:
             raise UserError(f"checkpoint '{path}' was written with a different config: {'; '.join(diff)}")

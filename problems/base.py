@@ -334,4 +334,5 @@ class LevelProblem(CompatProblem):
         self.records = dict(state["records"])
         self.consecutive_faults = state["consecutive_faults"]
         self.cur_batch = state["cur_batch"]
-        self.lent = {id(p): g for p, g in zip(self.trainable_parameters(), state["lent"]) if g is not None}
+        lent = state.get("lent", ())  # absent from format-1 checkpoints, which only untied runs read
+        self.lent = {id(p): g for p, g in zip(self.trainable_parameters(), lent) if g is not None}

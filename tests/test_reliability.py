@@ -248,13 +248,22 @@ def test_checkpoint_written_with_another_config_is_refused(short_run, capsys):
     assert code == 2 and "was written with a different config: train.lr: 0.001 -> 0.002" in err
 
 
-def test_checkpoint_of_an_older_format_is_refused_by_name(short_run, capsys):
+def test_checkpoint_of_another_format_is_refused_by_name(short_run, capsys):
     state = torch.load(short_run / "checkpoint.pt", weights_only=True)
-    del state["format"]  # as written before the format number existed
-    torch.save(state, short_run / "checkpoint.pt")
+    torch.save({**state, "format": 99}, short_run / "checkpoint.pt")
     assert main(["run", "--resume", str(short_run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "written by another version of needsgen (format 1, this one reads" in err
+    assert "written by another version of needsgen (format 99, this one reads 2)" in err
+
+
+def test_checkpoint_of_format_1_resumes_where_encoders_are_untied(short_run, capsys):
+    """Format 1 (before the format number) lacks only what tied encoders borrow; an untied run reads it."""
+    state = torch.load(short_run / "checkpoint.pt", weights_only=True)
+    del state["format"]
+    for level in state["levels"].values():
+        del level["lent"]
+    torch.save(state, short_run / "checkpoint.pt")
+    assert main(["eval", str(short_run)]) == 0
 
 
 def test_resume_of_a_finished_run_is_refused(short_run, capsys):
