@@ -138,7 +138,7 @@ def test_arguments_a_subcommand_does_not_take_are_refused(argv, stray, capsys):
 
 def test_bench_times_both_modes(capsys):
     tiny = ["width=4", "gan_ch=4", "z_dim=8", "shared_dim=4", "batch_size=16", "meta_every=2", "device=cpu"]
-    assert main(["bench", *tiny, "--iters", "2", "--warmup", "1"]) == 0
+    assert main(["bench", *tiny[:-1], "--iters", "2", "--warmup", "1", tiny[-1]]) == 0  # overrides after options too
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("dataset digits, encoder small_cnn") and "fp32, channels_last false" in lines[0]
     rows = {line.split()[0]: float(line.split()[1]) for line in lines[2:4]}

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-breakdown", action="store_true", help="skip the profiled pass")
     parser.add_argument("--check-syncs", action="store_true",
                         help="CUDA only: warn at every host sync during the timed iterations")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options, as in run and compare
     config_arg, overrides = split_args(args.items)
     cfg = load_config(resolve_config_path(config_arg), overrides + ["run.progress=false"])
     if args.check_syncs and not torch.cuda.is_available():
