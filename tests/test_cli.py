@@ -151,6 +151,14 @@ def test_bench_times_both_modes(capsys):
     assert "gen 4.00" in passes and "hops 4.00" in passes  # 4 exact hops of 2 backward passes each, per 2 iterations
 
 
+def test_bench_with_tied_encoders_times_vanilla_untied(capsys):
+    """Tying is a setting of the levels that share; the vanilla reference has none and runs untied."""
+    tiny = ["width=4", "gan_ch=4", "z_dim=8", "shared_dim=4", "batch_size=16", "meta_every=2", "device=cpu"]
+    assert main(["bench", *tiny, "model.tie_encoders=true", "--iters", "1", "--warmup", "1", "--no-breakdown"]) == 0
+    out = capsys.readouterr().out
+    assert "tied encoders true" in out.splitlines()[0] and "end2end / vanilla = " in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_bench_sync_check_needs_cuda(capsys):
     assert main(["bench", "--check-syncs"]) == 2

@@ -22,6 +22,7 @@ config ``bench_cifar10_synthetic``, on random images, so it needs no CIFAR files
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections import Counter, defaultdict
@@ -114,11 +115,15 @@ class Breakdown:
 
 
 def time_mode(cfg, mode: str, iters: int, warmup: int, check_syncs: bool = False, breakdown: bool = False) -> dict:
+    from experiments.modes import MODES
     from experiments.runner import Run
     from mlo.trainer import Phase, Trainer
 
+    cfg = copy.deepcopy(cfg)  # each mode from the same settings
     cfg.set("train.mode", mode)
     cfg.set("gan.gan_pretrain_steps", 0)
+    if cfg.model.tie_encoders and not {"w2", "disc"} & set(MODES[mode].levels):
+        cfg.set("model.tie_encoders", False)  # one classifier has nothing to share its encoder with
     run = Run(cfg)
     on_cuda = run.device.type == "cuda"
     synchronize = (lambda: torch.cuda.synchronize(run.device)) if on_cuda else (lambda: None)
