@@ -36,7 +36,6 @@ class MetaHead(nn.Module):
         self.activation = ACTIVATIONS[activation]
         self.fc1 = nn.Linear(dim, dim)
         self.head = nn.Linear(dim, num_classes)
-        self.out_features = dim  # width of ``features``
 
     def features(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
         """``a(h)``: the first layer and its activation (the features before the class head)."""
@@ -62,7 +61,6 @@ class SpinalHead(nn.Module):
         halves = (self.half, dim - self.half)
         self.layers = nn.ModuleList(nn.Linear(halves[i % 2] + (width if i else 0), width) for i in range(depth))
         self.head = nn.Linear(width * depth, num_classes)
-        self.out_features = width * depth
 
     def features(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
         halves = (h[:, :self.half], h[:, self.half:])
@@ -85,7 +83,6 @@ class MetaNeck(nn.Module):
 
     def __init__(self, dim: int, streams: tuple[str, ...], activation: str = "relu"):
         super().__init__()
-        self.out_features = dim
         self.activation = ACTIVATIONS[activation]
         self.fc1 = nn.Linear(dim, dim, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(dim))

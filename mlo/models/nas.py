@@ -159,7 +159,6 @@ class Architecture(nn.Module):
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(edges, len(PRIMITIVES)))
         self.beta_normal = nn.Parameter(1e-3 * torch.randn(edges))
         self.beta_reduce = nn.Parameter(1e-3 * torch.randn(edges))
-        self.out_features = None  # the width of the features is the encoder's
 
     def features(self, h: torch.Tensor, stream: str | None = None) -> torch.Tensor:
         return h
