@@ -94,10 +94,10 @@ class BuildContext:
         activation = {} if m.activation == "relu" else {"activation": m.activation}
         a = self.cfg.arch
         if m.encoder == "pc_darts":
-            activation.update(cells=a.cells, steps=a.nodes, partial=a.partial)
+            activation.update(cells=a.cells, steps=a.nodes, partial=a.partial, stem=a.stem)
         if m.encoder == "darts":
             activation.update(cells=a.cells, genotype=a.genotype, num_classes=self.num_classes,
-                              drop_path=a.drop_path, auxiliary_weight=a.auxiliary_weight)
+                              drop_path=a.drop_path, auxiliary_weight=a.auxiliary_weight, stem=a.stem)
         try:
             encoder = create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width,
                                    **activation)

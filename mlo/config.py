@@ -27,16 +27,19 @@ def _f(default, help: str, **checks):
     return field(default=default, metadata={"help": help, **checks})
 
 
-FILE_SOURCES = ("imagenet_lt", "image_folder", "caltech101", "stanford_cars")  # decoded per batch, at data.image_size
+FILE_SOURCES = ("imagenet_lt", "imagenet", "imagenet_search", "image_folder", "caltech101", "stanford_cars")  # decoded per batch, at data.image_size
 
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("digits", "data source: digits, fmnist, cifar10, cifar100, imagenet_lt, image_folder (a folder "
+    dataset: str = _f("digits", "data source: digits, fmnist, cifar10, cifar100, imagenet_lt, imagenet (train/ and "
+                                "val/ as test), imagenet_search (an architecture search's 10% / 2.5% split of "
+                                "ImageNet's train/), image_folder (a folder "
                                 "per class under data_root), caltech101, stanford_cars, or synthetic (random images "
                                 "in CIFAR-10's shapes, for timing without the files; nothing to learn)")
     data_root: str | None = _f(None, "folder holding the data (default: ~/.cache/needsgen); "
-                                     "for imagenet_lt the ImageNet root, with train/ and val/")
+                                     "for imagenet_lt, imagenet and imagenet_search the ImageNet root, with "
+                                     "train/ and val/")
     split_dir: str | None = _f(None, "imagenet_lt: folder holding ImageNet_LT_train/val/test.txt (default: data_root)")
     download: bool = _f(False, "download the dataset if it is missing (needs a network)")
     verify_checksums: bool = _f(True, "check the md5 sums of torchvision's dataset files")
@@ -102,6 +105,9 @@ class ArchConfig:
                        "genotype (model.encoder=darts); reduction cells at 1/3 and 2/3 of them", min=1)
     nodes: int = _f(4, "pc_darts: intermediate nodes per cell (a genotype brings its own)", min=1)
     partial: int = _f(4, "pc_darts: K, 1/K of the channels go through each edge's operations", min=1)
+    stem: str = _f("cifar", "pc_darts and darts: cifar (one 3x3 conv at full resolution) or imagenet (three "
+                            "stride-2 convs: the first cell reads 1/4 and 1/8 of the resolution)",
+                   choices=("cifar", "imagenet"))
     genotype: str | None = _f(None, "model.encoder=darts: the genotype.json a search wrote (RUN_DIR/genotype.json), "
                                     "or a published cell by name (pc_darts_cifar10)")
     drop_path: float = _f(0.0, "darts: probability of dropping each operation's path in training (constant; "
@@ -422,12 +428,14 @@ def validate(cfg: Config) -> None:
         if d.image_size is None:
             raise ConfigError(f"data.image_size: required for {d.dataset} (e.g. 64, 128 or 224), the side its "
                               f"images are brought to")
-        fixed = ("imbalance_factor", "n_max") + (("val_per_class",) if d.dataset == "imagenet_lt" else ())
+        fixed = ("imbalance_factor", "n_max") + (("val_per_class",) if d.dataset in ("imagenet_lt", "imagenet_search")
+                                                 else ())
         for name in fixed:
             if getattr(d, name) != getattr(defaults, name):
-                what = "its split files fix the long tail and the validation set" if d.dataset == "imagenet_lt" \
-                    else "its classes keep their own sizes (no long-tail cut)"
-                raise ConfigError(f"data.{name}: does not apply to {d.dataset}, whose {what}; remove it")
+                why = {"imagenet_lt": "its split files fix the long tail and the validation set",
+                       "imagenet_search": "its split is 10% of each class for training and 2.5% for validation"
+                       }.get(d.dataset, "its classes keep their own sizes: no long-tail cut")
+                raise ConfigError(f"data.{name}: does not apply to {d.dataset} ({why}); remove it")
     reason = unknown_model("encoder", cfg.model.encoder)
     if reason:
         raise ConfigError(f"model.encoder: {reason}")

@@ -114,3 +114,37 @@ def test_listed_but_missing_files_are_named(tmp_path):
 def test_settings_that_do_not_apply_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def _imagenet(tmp_path, train_per_class: int = 40, val_per_class: int = 3):
+    for c, wnid in enumerate(["n01440764", "n01443537"]):
+        for i in range(train_per_class):
+            _image(tmp_path / "train" / wnid / f"{wnid}_{i}.JPEG", 1000 * c + i, size=(8, 8))
+        for i in range(val_per_class):
+            _image(tmp_path / "val" / wnid / f"ILSVRC2012_val_{c}{i}.JPEG", 500 + 10 * c + i, size=(8, 8))
+    return tmp_path
+
+
+def test_imagenet_search_split_is_a_seeded_tenth_and_fortieth_of_each_class(tmp_path):
+    root = _imagenet(tmp_path)
+    data = _data("imagenet_search", root)
+    assert data.classes == ["n01440764", "n01443537"]
+    assert data.train_counts == [4, 4] and np.bincount(data.val_labels).tolist() == [1, 1]  # 10% and 2.5% of 40
+    assert not set(data.train_images.paths) & set(data.val_images.paths)
+    assert all(p.startswith("train/") for p in data.train_images.paths) and len(data.test_labels) == 6
+    assert all(p.startswith("val/") for p in data.test_images.paths)
+    other = _data("imagenet_search", root, "data.split_seed=1")
+    assert list(other.train_images.paths) != list(data.train_images.paths)
+    with pytest.raises(ConfigError, match="data.val_per_class: does not apply to imagenet_search"):
+        _data("imagenet_search", root, "data.val_per_class=5")
+
+
+def test_imagenet_for_evaluation_trains_on_all_of_train_and_tests_on_val(tmp_path):
+    root = _imagenet(tmp_path)
+    data = _data("imagenet", root, "data.val_per_class=2", "data.train_on_val=true", "train.mode=vanilla")
+    assert data.train_counts == [40, 40] and len(data.test_labels) == 6
+
+
+def test_imagenet_search_needs_enough_images_a_class(tmp_path):
+    with pytest.raises(DataError, match="at least 21 are needed"):
+        _data("imagenet_search", _imagenet(tmp_path, train_per_class=10))

@@ -200,3 +200,10 @@ def test_a_search_stopped_midway_resumes_to_the_same_architecture(tmp_path):
     assert resumed.returncode == 0, err[-2000:]
     assert (run_dir / "genotype.json").read_text() == (tmp_path / "runs" / "reference" / "genotype.json").read_text()
     assert metrics_without_timing(run_dir) == metrics_without_timing(tmp_path / "runs" / "reference")
+
+
+def test_the_imagenet_stem_starts_the_cells_at_an_eighth_of_the_resolution():
+    net = Supernet(in_channels=3, width=8, cells=3, steps=2, partial=2, stem="imagenet")
+    s0, s1 = net.stem(torch.randn(2, 3, 64, 64))
+    assert s0.shape == (2, 8, 16, 16) and s1.shape == (2, 8, 8, 8)
+    assert net(torch.randn(2, 3, 64, 64), Architecture(2)).shape == (2, net.out_dim)

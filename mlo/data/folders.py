@@ -1,5 +1,6 @@
 """Image-folder datasets, decoded per batch like ImageNet-LT: any ``ImageFolder`` tree, Caltech-101 and
-Stanford Cars (torchvision's readers of their original layouts).
+Stanford Cars (torchvision's readers of their original layouts), and ImageNet (``imagenet``) with the
+10% / 2.5% split of an architecture search (``imagenet_search``).
 
 These sets keep their own class sizes (no long-tail cut): the validation images (``data.val_per_class``)
 and, where the set has no test split of its own, the test images (``data.test_per_class``) are taken per
@@ -46,13 +47,15 @@ def _held_out_split(paths: list[str], labels: np.ndarray, classes: list[str], ro
     )
 
 
-@register_source("image_folder")
-def image_folder(root: Path, cfg) -> ImageData:
-    """``data_root/<class>/<image>``: one folder per class (sorted names), images at any depth below it."""
+def scan_class_folders(root: Path, relative_to: Path | None = None,
+                       classes: list[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """``(classes, paths, labels)`` of ``root/<class>/<image>`` (classes: the sorted folder names, or the
+    given ones), images at any depth, paths relative to ``relative_to`` (default ``root``)."""
     if not root.is_dir():
         raise DataError(f"image folder '{root}' does not exist; set data.data_root to a folder with one "
                         f"subfolder of images per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         raise DataError(f"image folder '{root}' has {len(classes)} class folder(s); it needs one subfolder of "
                         f"images per class, at least two")
@@ -61,9 +64,54 @@ def image_folder(root: Path, cfg) -> ImageData:
         for folder, _, files in sorted(os.walk(root / name)):
             for file in sorted(files):
                 if file.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.relpath(os.path.join(folder, file), root))
+                    paths.append(os.path.relpath(os.path.join(folder, file), relative_to or root))
                     labels.append(c)
-    return _held_out_split(paths, np.asarray(labels), classes, root, cfg)
+    return classes, paths, np.asarray(labels, dtype=np.int64)
+
+
+@register_source("image_folder")
+def image_folder(root: Path, cfg) -> ImageData:
+    """``data_root/<class>/<image>``: one folder per class (sorted names), images at any depth below it."""
+    classes, paths, labels = scan_class_folders(root)
+    return _held_out_split(paths, labels, classes, root, cfg)
+
+
+@register_source("imagenet")
+def imagenet(root: Path, cfg) -> ImageData:
+    """ImageNet as an evaluation trains on it: ``data_root/train/<wnid>/`` less ``data.val_per_class``
+    validation images a class (seeded; ``data.train_on_val`` puts them back), ``data_root/val/<wnid>/``
+    the test set."""
+    classes, paths, labels = scan_class_folders(root / "train", relative_to=root)
+    test = scan_class_folders(root / "val", relative_to=root, classes=classes)[1:]
+    return _held_out_split(paths, labels, classes, root, cfg, test=test)
+
+
+SEARCH_TRAIN_FRACTION, SEARCH_VAL_FRACTION = 0.10, 0.025  # PC-DARTS' (and the paper's) ImageNet search split
+
+
+@register_source("imagenet_search")
+def imagenet_search(root: Path, cfg) -> ImageData:
+    """ImageNet for an architecture search, split as PC-DARTS and the paper do: per class of
+    ``data_root/train/<wnid>/``, a seeded 10% of the images for training and another 2.5% for validation;
+    ``data_root/val/<wnid>/`` (ImageNet's validation images, one folder per class) is the test set."""
+    classes, paths, labels = scan_class_folders(root / "train", relative_to=root)
+    _, test_paths, test_labels = scan_class_folders(root / "val", relative_to=root, classes=classes)
+    train, val = [], []
+    for c in range(len(classes)):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.default_rng([cfg.split_seed, c]).permutation(len(idx))]
+        n_train, n_val = round(SEARCH_TRAIN_FRACTION * len(idx)), round(SEARCH_VAL_FRACTION * len(idx))
+        if min(n_train, n_val) == 0:
+            raise DataError(f"class '{classes[c]}' has {len(idx)} training images under '{root / 'train'}': too "
+                            f"few for 10% training and 2.5% validation images (at least 21 are needed)")
+        train.append(idx[:n_train])
+        val.append(idx[n_train:n_train + n_val])
+    train, val = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    return ImageData(
+        train_images=ImageFiles(str(root), np.array(paths), cfg.image_size), train_labels=labels,
+        test_images=ImageFiles(str(root), np.array(test_paths), cfg.image_size), test_labels=test_labels,
+        classes=classes, split=Split(train=train, val=val, counts=np.bincount(labels[train], minlength=len(classes)).tolist()),
+    )
 
 
 @register_source("caltech101")

@@ -197,6 +197,34 @@ def derive_genotype(weights: torch.Tensor, steps: int) -> list[tuple[str, int]]:
     return gene
 
 
+# ----- the stem -----------------------------------------------------------------------------------
+class Stem(nn.Module):
+    """The first cell's two input states: CIFAR's one 3x3 conv (both states the same, 3 x width
+    channels), or ImageNet's three stride-2 convs (the first state at 1/4 of the resolution, the
+    second at 1/8, width channels each), as DARTS and PC-DARTS build them."""
+
+    def __init__(self, in_channels: int, width: int, kind: str = "cifar"):
+        super().__init__()
+        self.reduces = kind == "imagenet"  # the first cell reads states of two resolutions
+        if self.reduces:
+            self.stem0 = nn.Sequential(
+                nn.Conv2d(in_channels, width // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width // 2),
+                nn.ReLU(inplace=True), nn.Conv2d(width // 2, width, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(width))
+            self.stem1 = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False),
+                                       nn.BatchNorm2d(width))
+            self.channels = width
+        else:
+            self.stem0 = nn.Sequential(nn.Conv2d(in_channels, 3 * width, 3, padding=1, bias=False),
+                                       nn.BatchNorm2d(3 * width))
+            self.stem1 = None
+            self.channels = 3 * width
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s0 = self.stem0(x)
+        return s0, (s0 if self.stem1 is None else self.stem1(s0))
+
+
 # ----- the supernet -------------------------------------------------------------------------------
 class Supernet(nn.Module):
     """A stem and ``cells`` search cells (reduction cells at 1/3 and 2/3 of the depth), global average
@@ -204,12 +232,12 @@ class Supernet(nn.Module):
 
     reads_architecture = True
 
-    def __init__(self, in_channels: int, width: int, cells: int, steps: int, partial: int, stem_multiplier: int = 3):
+    def __init__(self, in_channels: int, width: int, cells: int, steps: int, partial: int, stem: str = "cifar"):
         super().__init__()
         self.steps = steps
-        c_stem = stem_multiplier * width
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem))
-        c_prev_prev, c_prev, channels, reduction_prev = c_stem, c_stem, width, False
+        self.stem = Stem(in_channels, width, stem)
+        c_prev_prev = c_prev = self.stem.channels
+        channels, reduction_prev = width, self.stem.reduces
         self.cells = nn.ModuleList()
         for i in range(cells):
             reduction = i in (cells // 3, 2 * cells // 3)
@@ -224,7 +252,7 @@ class Supernet(nn.Module):
         if arch.steps != self.steps:
             raise ValueError(f"the supernet has {self.steps} nodes per cell, A {arch.steps}")
         weights = {False: arch.weights(False), True: arch.weights(True)}
-        s0 = s1 = self.stem(x)
+        s0, s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, *weights[cell.reduction])
         return s1.mean(dim=(2, 3))
@@ -232,10 +260,10 @@ class Supernet(nn.Module):
 
 @register_model("encoder")
 def pc_darts(in_channels: int = 3, image_size: int = 32, width: int = 16, cells: int = 5, steps: int = 4,
-             partial: int = 4) -> Supernet:
+             partial: int = 4, stem: str = "cifar") -> Supernet:
     """The PC-DARTS supernet (``model.meta=arch``): ``width`` channels in the first cells, doubled at each
-    reduction; 1/``partial`` of the channels through each edge's operations."""
-    return Supernet(in_channels, width, cells, steps, partial)
+    reduction; 1/``partial`` of the channels through each edge's operations; a CIFAR or ImageNet stem."""
+    return Supernet(in_channels, width, cells, steps, partial, stem)
 
 
 # ----- the network a genotype describes (evaluation) ----------------------------------------------
@@ -293,12 +321,12 @@ class GenotypeNetwork(nn.Module):
     after the second reduction whose loss (``auxiliary_loss``) the classifier level adds in training."""
 
     def __init__(self, in_channels: int, width: int, cells: int, genotype: dict, num_classes: int,
-                 drop_path: float = 0.0, auxiliary_weight: float = 0.0, stem_multiplier: int = 3):
+                 drop_path: float = 0.0, auxiliary_weight: float = 0.0, stem: str = "cifar"):
         super().__init__()
         self.drop_prob, self.auxiliary_weight = drop_path, auxiliary_weight
-        c_stem = stem_multiplier * width
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem))
-        c_prev_prev, c_prev, channels, reduction_prev = c_stem, c_stem, width, False
+        self.stem = Stem(in_channels, width, stem)
+        c_prev_prev = c_prev = self.stem.channels
+        channels, reduction_prev = width, self.stem.reduces
         self.cells = nn.ModuleList()
         self.auxiliary, self.auxiliary_after = None, 2 * cells // 3
         for i in range(cells):
@@ -317,7 +345,7 @@ class GenotypeNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.auxiliary_logits = None
-        s0 = s1 = self.stem(x)
+        s0, s1 = self.stem(x)
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, self.drop_prob)
             if i == self.auxiliary_after and self.auxiliary is not None and self.training:
@@ -363,13 +391,14 @@ def read_genotype(path: str | Path) -> dict:
 
 @register_model("encoder")
 def darts(in_channels: int = 3, image_size: int = 32, width: int = 16, cells: int = 8, genotype: str | None = None,
-          num_classes: int = 10, drop_path: float = 0.0, auxiliary_weight: float = 0.0) -> GenotypeNetwork:
+          num_classes: int = 10, drop_path: float = 0.0, auxiliary_weight: float = 0.0,
+          stem: str = "cifar") -> GenotypeNetwork:
     """The network of a searched genotype (``arch.genotype``), trained from scratch (DARTS' evaluation)."""
     if genotype is None:
         from mlo.errors import ConfigError
         raise ConfigError("model.encoder=darts: give arch.genotype=RUN_DIR/genotype.json")
     return GenotypeNetwork(in_channels, width, cells, read_genotype(genotype), num_classes, drop_path,
-                           auxiliary_weight)
+                           auxiliary_weight, stem)
 
 
 # ----- the genotype on disk and drawn -------------------------------------------------------------
