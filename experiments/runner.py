@@ -420,8 +420,13 @@ class Run:
             {k: _json_safe(v) for k, v in metrics.items()}, indent=2).encode()))
 
     def write_genotype(self) -> dict | None:
-        """With an architecture as A: its genotype (``genotype.json``) and its two cells drawn."""
-        arch = unwrap(self.levels["meta"].module) if "meta" in self.levels else None
+        """With an architecture as A: its genotype (``genotype.json``) and its two cells drawn. Without a
+        meta level (mtl, vanilla) each network owns its architecture: the reported classifier's is written."""
+        if "meta" in self.levels:
+            arch = unwrap(self.levels["meta"].module)
+        else:
+            reported = self.levels["w2" if "w2" in self.levels else "w1"]
+            arch = getattr(unwrap(reported.module), "meta", None)
         if not isinstance(arch, Architecture):
             return None
         genotype = arch.genotype()

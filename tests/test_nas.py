@@ -159,6 +159,15 @@ def test_a_genotype_file_that_is_not_one_is_refused_by_name(text, message, tmp_p
         read_genotype(tmp_path / "missing.json")
 
 
+def test_without_a_meta_level_the_reported_classifiers_own_architecture_is_written(tmp_path, monkeypatch):
+    """mtl trains each network's architecture with its weights (no A to share): W2's is the result."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", *TINY_SUPERNET, "mode=mtl", "epochs=1", "gan_pretrain_steps=2", "progress=false",
+                 "device=cpu", "name=mtl"]) == 0
+    genotype = json.loads((tmp_path / "runs" / "mtl" / "genotype.json").read_text())
+    assert len(genotype["normal"]) == 4 and (tmp_path / "runs" / "mtl" / "cell_reduce.png").is_file()
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["model.meta=arch"], "model.meta=arch: A is the architecture of a PC-DARTS supernet; set model.encoder=pc_darts"),
     (["model.encoder=pc_darts"], "model.encoder=pc_darts: the supernet reads an architecture A; set model.meta=arch"),
