@@ -33,8 +33,8 @@ from problems.mwn import MetaWeightedClassifierProblem, WeightingNetProblem
 from problems.sequential import PregeneratedClassifierProblem
 from experiments.modes import Mode
 
-STREAMS = ("w1", "w2", "disc")
-ARCH_DISCRIMINATORS = ("biggan", "acgan", "wacgan_gp")  # discriminators whose body can be a supernet  # networks that read A (a neck-form A keeps BN statistics per stream)
+STREAMS = ("w1", "w2", "disc")  # networks that read A (a neck-form A keeps BN statistics per stream)
+ARCH_DISCRIMINATORS = ("biggan", "acgan", "wacgan_gp")  # discriminators whose body can be a supernet
 
 # Random streams of a run by name; the number is the stream's key in the run's seed (never change one:
 # the runs made before would not be reproduced).
@@ -91,18 +91,18 @@ class BuildContext:
         m = self.cfg.model
         channels, size, _ = self.data.image_shape
         # the activation is passed only where one is asked for: encoders without a choice need not take it
-        activation = {} if m.activation == "relu" else {"activation": m.activation}
+        extra = {} if m.activation == "relu" else {"activation": m.activation}
         a = self.cfg.arch
         if m.encoder == "pc_darts":
-            activation.update(cells=a.cells, steps=a.nodes, partial=a.partial, stem=a.stem)
+            extra.update(cells=a.cells, steps=a.nodes, partial=a.partial, stem=a.stem)
         if m.encoder == "darts":
-            activation.update(cells=a.cells, genotype=a.genotype, num_classes=self.num_classes,
-                              drop_path=a.drop_path, auxiliary_weight=a.auxiliary_weight, stem=a.stem)
+            extra.update(cells=a.cells, genotype=a.genotype, num_classes=self.num_classes,
+                         drop_path=a.drop_path, auxiliary_weight=a.auxiliary_weight, stem=a.stem)
         try:
             encoder = create_model("encoder", m.encoder, in_channels=channels, image_size=size, width=m.width,
-                                   **activation)
+                                   **extra)
         except TypeError as exc:
-            if not activation or "activation" not in str(exc):
+            if "activation" not in extra or "activation" not in str(exc):
                 raise
             raise ConfigError(f"model.activation={m.activation}: encoder {m.encoder} has no choice of activation; "
                               f"use model.activation=relu") from None

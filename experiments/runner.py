@@ -27,17 +27,17 @@ from mlo.budget import temperature
 from mlo.checkpoint import atomic_write, existing_checkpoint, load_checkpoint, remove_partial_writes, save_checkpoint
 from mlo.config import Config, config_diff, from_dict
 from mlo.data import SHOT_RULE, build_longtail
-from mlo.data.sources import data_folder
-from mlo.models.nas import Architecture, draw_cell, write_genotype
-from problems.base import unwrap
 from mlo.data.loaders import make_loader
+from mlo.data.sources import data_folder
 from mlo.distributed import Processes, average_, barrier, gather_objects, sum_
 from mlo.errors import ConfigError, NumericalFault, TrainingStopped, UserError
 from mlo.graph import build_engine
 from mlo.metrics import classification_metrics, per_class_accuracy, predict
+from mlo.models.nas import Architecture, draw_cell, write_genotype
 from mlo.report import (TABLE3_HEADER, markdown_table, per_class_rows, plot_allocation, plot_allocation_over_time,
                         plot_per_class_accuracy, save_sample_grid)
 from mlo.trainer import Phase, StopRequest, Trainer, stop_on_signals
+from problems.base import unwrap
 from experiments.levels import BuildContext, build_levels
 from experiments.modes import resolve_mode
 from experiments.phases import build_phases

@@ -30,12 +30,10 @@ import torch.nn.functional as F
 from scipy import linalg
 from scipy.special import xlogy
 
-from mlo.checkpoint import UnreadableFile, read_torch_file
 from mlo.data.loaders import TensorLoader, make_loader
 from mlo.errors import UserError
 from mlo.metrics import predict
 
-INCEPTION_SIZE = 299
 EMBED_BATCH = 100  # images per forward: small enough for Inception-v3 at 299x299
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mlo.data.files import ImageFiles
-from mlo.data.longtail import Split, balanced_holdout
+from mlo.data.longtail import Split, balanced_holdout, class_rng
 from mlo.data.sources import ImageData, register_source
 from mlo.errors import DataError
 
@@ -99,7 +99,7 @@ def imagenet_search(root: Path, cfg) -> ImageData:
     train, val = [], []
     for c in range(len(classes)):
         idx = np.flatnonzero(labels == c)
-        idx = idx[np.random.default_rng([cfg.split_seed, c]).permutation(len(idx))]
+        idx = idx[class_rng(cfg.split_seed, c).permutation(len(idx))]
         n_train, n_val = round(SEARCH_TRAIN_FRACTION * len(idx)), round(SEARCH_VAL_FRACTION * len(idx))
         if min(n_train, n_val) == 0:
             raise DataError(f"class '{classes[c]}' has {len(idx)} training images under '{root / 'train'}': too "

@@ -23,7 +23,8 @@ def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> li
     return [int(n_max * imbalance_factor ** (-c / (num_classes - 1))) for c in range(num_classes)]
 
 
-def _class_rng(seed: int, c: int) -> np.random.Generator:
+def class_rng(seed: int, c: int) -> np.random.Generator:
+    """The random stream of class ``c`` in the per-class splits seeded by ``seed``."""
     return np.random.default_rng([seed, c])
 
 
@@ -45,7 +46,7 @@ def longtail_split(labels: np.ndarray, num_classes: int, imbalance_factor: float
     pools, val = [], []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
-        idx = idx[_class_rng(seed, c).permutation(len(idx))]
+        idx = idx[class_rng(seed, c).permutation(len(idx))]
         if len(idx) <= val_per_class:
             raise DataError(f"data.val_per_class={val_per_class} leaves no training image for class {c} "
                             f"({len(idx)} images in its pool); lower data.val_per_class")
@@ -75,7 +76,7 @@ def balanced_holdout(labels: np.ndarray, num_classes: int, per_class: int, seed:
     held, rest = [], []
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)
-        idx = idx[_class_rng(seed + 7919, c).permutation(len(idx))]
+        idx = idx[class_rng(seed + 7919, c).permutation(len(idx))]
         if len(idx) <= per_class:
             raise DataError(f"{key}={per_class} leaves no image of class {c} for training ({len(idx)} images); "
                             f"lower {key}")
