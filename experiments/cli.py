@@ -255,21 +255,32 @@ def cmd_gan_metrics(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from experiments.compare import compare, parse_seeds, parse_variants
+    from experiments.compare import compare, parse_seeds, parse_variants, searched_variants, shared_config
     from mlo.distributed import Processes
     from mlo.errors import TrainingStopped
 
     if Processes.from_environ().distributed:
         raise UserError("needsgen compare runs its runs one after another in one process; start it without "
                         "torchrun (a single run can use torchrun: torchrun ... -m experiments.cli run ...)")
+    if (args.modes is None) == (args.genotypes_of is None):
+        raise UserError("needsgen compare: give --modes (the variants to train) or --genotypes-of SEARCH_DIR "
+                        "(evaluate a search comparison's architectures), one of the two")
     config_arg, overrides = split_args(args.items)
     path = resolve_config_path(config_arg)
-    variants, seeds = parse_variants(args.modes), parse_seeds(args.seeds)
-    cfg = load_config(path, overrides)  # the shared settings are checked before anything runs
-    for key in ("run.name", "run.seed", "train.mode"):
+    seeds = parse_seeds(args.seeds)
+    per_run = ("run.name", "run.seed", "train.mode") + (("arch.genotype",) if args.genotypes_of else ())
+    for key in per_run:
         if any(o.split("=", 1)[0] in (key, key.split(".")[1]) for o in overrides):
-            raise UserError(f"{key} is set per run by compare (--modes, --seeds, --name); remove the override")
-    root = Path(cfg.run.out_dir).expanduser() / (args.name or f"compare-{path.name.removesuffix('.yaml')}")
+            raise UserError(f"{key} is set per run by compare (--modes, --seeds, --name, --genotypes-of); "
+                            f"remove the override")
+    if args.genotypes_of:
+        variants = searched_variants(Path(args.genotypes_of).expanduser(), seeds)
+        default_name = f"{Path(args.genotypes_of).name}-evaluated"
+    else:
+        variants = parse_variants(args.modes)
+        default_name = f"compare-{path.name.removesuffix('.yaml')}"
+    cfg = shared_config(path, overrides, variants, seeds)  # checked before anything runs
+    root = Path(cfg.run.out_dir).expanduser() / (args.name or default_name)
     try:
         compare(path, overrides, variants, seeds, root)
     except TrainingStopped as exc:
@@ -352,13 +363,20 @@ def build_parser(run_help: Config | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train every variant with every seed on the same data split (finished runs are reused, "
                     "interrupted ones resumed), then write compare.md / compare.csv (mean ± std over seeds, "
-                    "paired tests against vanilla and sequential) and plots.",
+                    "paired tests against vanilla, vanilla_meta and sequential) and plots.",
         epilog="A variant is a mode, optionally with overrides: mode:key=value+key=value, e.g.\n"
                "  needsgen compare fmnist_lt_cpu --modes vanilla,sequential,end2end,end2end:allocator=equal "
                "--seeds 0,1,2\n"
-               f"Modes: {', '.join(MODES)}.")
+               f"Modes: {', '.join(MODES)}.\n\n"
+               "An architecture search's comparison (model.meta=arch) is evaluated by a second one, each variant's\n"
+               "genotype of each seed trained from scratch by an evaluation config:\n"
+               "  needsgen compare fmnist_search_cpu --modes vanilla_meta,end2end --seeds 0,1,2 --name nas-cpu\n"
+               "  needsgen compare fmnist_eval_cpu --genotypes-of runs/nas-cpu --seeds 0,1,2")
     cmp.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
-    cmp.add_argument("--modes", required=True, help="comma-separated variants (see below)")
+    cmp.add_argument("--modes", help="comma-separated variants (see below)")
+    cmp.add_argument("--genotypes-of", metavar="SEARCH_DIR",
+                     help="instead of --modes: evaluate the genotypes a search comparison wrote (one variant per "
+                          "search variant, same seeds; default --name: <SEARCH_DIR's name>-evaluated)")
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     cmp.add_argument("--name", help="folder of the comparison under run.out_dir (default compare-<config>)")
     cmp.set_defaults(func=cmd_compare)

@@ -4,7 +4,11 @@ A variant is a mode with optional overrides, written ``mode`` or ``mode:key=valu
 (``end2end:allocator=equal``). Every (variant, seed) is an ordinary run directory under the
 comparison's folder: finished runs are reused, interrupted ones resumed, so rerunning the same
 command continues a comparison. The summary reports mean ± std over seeds of the last epoch's
-test metrics and paired tests across seeds against ``vanilla`` and ``sequential``.
+test metrics and paired tests across seeds against ``vanilla``, ``vanilla_meta`` and ``sequential``.
+
+The searched architectures of a comparison run with ``model.meta=arch`` are evaluated by a second
+comparison, ``--genotypes-of SEARCH_DIR``: one variant per search variant, each seed's network built
+from that search run's ``genotype.json`` and trained (with the same seed) by the evaluation config.
 """
 from __future__ import annotations
 
@@ -28,16 +32,24 @@ from mlo.report import markdown_table
 from experiments.modes import MODES, resolve_mode
 from experiments.runner import CHECKPOINT, CONFIG, METRICS, RESUMABLE_CHANGES, Run, prepare_run_dir
 
-METRIC_COLUMNS = [("top1", "Top-1 %", 100), ("many", "Many %", 100), ("medium", "Medium %", 100),
+METRIC_COLUMNS = [("top1", "Top-1 %", 100), ("top5", "Top-5 %", 100), ("many", "Many %", 100), ("medium", "Medium %", 100),
                   ("few", "Few %", 100), ("ece", "ECE", 1), ("per_class_std", "per-class std %", 100),
                   ("wall_time_s", "time / run (s)", 1)]
-BASELINES = ("vanilla", "sequential")
+BASELINES = ("vanilla", "vanilla_meta", "sequential")  # vanilla_meta with model.meta=arch is PC-DARTS
+GENOTYPE = "genotype.json"
 
 
 @dataclass(frozen=True)
 class Variant:
     label: str
     overrides: tuple[str, ...]
+    searched_in: Path | None = None   # evaluation of a search comparison: where each seed's genotype is
+
+    def seed_overrides(self, seed: int) -> tuple[str, ...]:
+        return (f"arch.genotype={self.genotype(seed)}",) if self.searched_in else ()
+
+    def genotype(self, seed: int) -> Path:
+        return self.searched_in / f"{self.folder}-seed{seed}" / GENOTYPE
 
     @property
     def folder(self) -> str:
@@ -63,6 +75,23 @@ def parse_variants(text: str) -> list[Variant]:
     return variants
 
 
+def searched_variants(search_root: Path, seeds: list[int]) -> list[Variant]:
+    """The variants of a finished search comparison, each to be evaluated from its runs' genotypes
+    (all of which must exist: nothing trains before that is checked)."""
+    table = search_root / "compare.csv"
+    if not table.is_file():
+        raise UserError(f"--genotypes-of: '{search_root}' has no compare.csv; finish the search comparison "
+                        f"first (needsgen compare <search config> --modes ... --name {search_root.name})")
+    with table.open(newline="") as f:
+        variants = [Variant(row["variant"], ("train.mode=vanilla",), searched_in=search_root) for row in csv.DictReader(f)]
+    for v in variants:
+        for seed in seeds:
+            if not v.genotype(seed).is_file():
+                raise UserError(f"--genotypes-of: '{v.genotype(seed)}' is missing; finish that search run "
+                                f"(rerun the search comparison with --seeds {seed}) or leave seed {seed} out")
+    return variants
+
+
 def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -77,8 +106,8 @@ def run_variant(config_path: Path | None, overrides: list[str], variant: Variant
                 log=print) -> dict:
     """Train (or reuse, or resume) one run of the comparison; its metrics."""
     name = f"{variant.folder}-seed{seed}"
-    cfg = load_config(config_path, [*overrides, *variant.overrides, f"run.seed={seed}", f"run.name={name}",
-                                    f"run.out_dir={root}"])
+    cfg = load_config(config_path, [*overrides, *variant.overrides, *variant.seed_overrides(seed), f"run.seed={seed}",
+                                    f"run.name={name}", f"run.out_dir={root}"])
     run_dir = root / name
     if (run_dir / CONFIG).is_file():
         saved = from_dict(yaml.safe_load((run_dir / CONFIG).read_text()), source=str(run_dir / CONFIG))
@@ -124,7 +153,7 @@ def summarize(variants: list[Variant], seeds: list[int], results: dict[str, list
     for v in variants:
         runs = results[v.label]
         rows.append({"variant": v.label, "seeds": len(runs),
-                     **{key: [r[key] for r in runs] for key, _, _ in METRIC_COLUMNS}})
+                     **{key: [r.get(key) for r in runs] for key, _, _ in METRIC_COLUMNS}})
         for base in BASELINES:
             if base in results and v.label != base:
                 top1 = [r["top1"] for r in runs]
@@ -221,7 +250,7 @@ def write_outputs(root: Path, variants: list[Variant], seeds: list[int], results
         "seeds a test has little power: a large p-value is not evidence of no difference, and a small one "
         "is one test among several in this table (no correction for multiple comparisons).", "",
         markdown_table(["variant", "against", "mean diff (pp)", "n", "t", "p"], test_rows) if test_rows
-        else "(no vanilla or sequential variant to test against)", "",
+        else "(no vanilla, vanilla_meta or sequential variant to test against)", "",
         "## Plots", "",
         "![per-class accuracy](per_class_accuracy.png)", "",
     ]
@@ -254,22 +283,31 @@ def write_outputs(root: Path, variants: list[Variant], seeds: list[int], results
     return {**summary, "allocation_spearman": rho}
 
 
-def check_variants(config_path: Path | None, overrides: list[str], variants: list[Variant]) -> None:
+def shared_config(config_path: Path | None, overrides: list[str], variants: list[Variant], seeds: list[int]):
+    """The settings every run shares, checked; an evaluation of searched genotypes reads the first one."""
+    first = variants[0]
+    return load_config(config_path, [*overrides, *first.overrides, *first.seed_overrides(seeds[0])]
+                       if first.searched_in else overrides)
+
+
+def check_variants(config_path: Path | None, overrides: list[str], variants: list[Variant], seeds: list[int]) -> None:
     """Resolve and validate every variant's config and mode before the first run trains: a bad variant
     is refused at once, not after the ones before it have trained."""
     for v in variants:
-        try:
-            resolve_mode(load_config(config_path, [*overrides, *v.overrides]))
-        except ConfigError as exc:
-            raise ConfigError(f"--modes: variant '{v.label}': {exc}") from None
+        for seed in seeds if v.searched_in else seeds[:1]:
+            try:
+                resolve_mode(load_config(config_path, [*overrides, *v.overrides, *v.seed_overrides(seed)]))
+            except ConfigError as exc:
+                flag = "--genotypes-of" if v.searched_in else "--modes"
+                raise ConfigError(f"{flag}: variant '{v.label}': {exc}") from None
 
 
 def compare(config_path: Path | None, overrides: list[str], variants: list[Variant], seeds: list[int],
             root: Path, log=lambda msg: print(msg, file=sys.stderr)) -> dict:
     import torch
 
-    check_variants(config_path, overrides, variants)
-    threads = load_config(config_path, overrides).run.threads or torch.get_num_threads()
+    check_variants(config_path, overrides, variants, seeds)
+    threads = shared_config(config_path, overrides, variants, seeds).run.threads or torch.get_num_threads()
     log(f"{len(variants)} variant(s) x {len(seeds)} seed(s), one after another, {threads} CPU thread(s) each")
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ def test_table_holds_mean_and_std_of_the_runs(comparison):
 
 def test_markdown_mirrors_the_paper_tables_and_states_the_tests(comparison):
     md = (comparison / "compare.md").read_text()
-    assert "| Method | Top-1 % | Many % | Medium % | Few % | ECE | per-class std % | time / run (s) | seeds |" in md
+    assert "| Method | Top-1 % | Top-5 % | Many % | Medium % | Few % | ECE | per-class std % | time / run (s) | seeds |" in md
     assert "| end2end:allocator=equal | vanilla |" in md
     assert "Many: >100 training images" in md and "last epoch" in md and "little power" in md
     for png in ("per_class_accuracy.png", "allocation.png"):
@@ -74,6 +74,8 @@ def test_rerun_reuses_finished_runs(comparison, capsys, monkeypatch):
     # every variant is checked before the first run trains
     (["--modes", "vanilla,end2end:allocator=foo"], "variant 'end2end:allocator=foo': train.allocator: unknown value"),
     (["--modes", "vanilla,sequential:posthoc=crt"], "variant 'sequential:posthoc=crt': train.posthoc=crt"),
+    ([], "give --modes (the variants to train) or --genotypes-of SEARCH_DIR"),
+    (["--genotypes-of", "nowhere"], "--genotypes-of: 'nowhere' has no compare.csv"),
 ])
 def test_bad_compare_input(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -2,6 +2,7 @@
 of α and β, and a search through the CLI."""
 from __future__ import annotations
 
+import csv
 import json
 import random
 import re
@@ -124,6 +125,28 @@ def test_a_search_through_the_cli_writes_the_genotype_and_its_cells(tmp_path, mo
     search_counts = json.loads((run_dir / "metrics.json").read_text())["train_counts"]
     val_per_class = yaml.safe_load((tmp_path / "runs" / "evaluate" / "config.yaml").read_text())["data"]["val_per_class"]
     assert sum(metrics["train_counts"]) == sum(search_counts) + 10 * val_per_class  # the validation images joined
+
+
+def test_a_search_comparison_is_evaluated_genotype_by_genotype(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", *TINY_SUPERNET, "epochs=1", "progress=false", "device=cpu", "--modes", "vanilla_meta",
+                 "--seeds", "0,1", "--name", "search"]) == 0
+    evaluation = ["model.encoder=darts", "model.meta=none", "arch.cells=3", "model.width=4",
+                  "data.train_on_val=true", "epochs=1", "progress=false", "device=cpu"]
+    # a seed the search did not run is refused before anything trains
+    assert main(["compare", *evaluation, "--genotypes-of", "runs/search", "--seeds", "0,2"]) == 2
+    assert "runs/search/vanilla_meta-seed2/genotype.json' is missing" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "search-evaluated").exists()
+
+    assert main(["compare", *evaluation, "--genotypes-of", "runs/search", "--seeds", "0,1"]) == 0
+    root = tmp_path / "runs" / "search-evaluated"
+    for seed in (0, 1):
+        run = yaml.safe_load((root / f"vanilla_meta-seed{seed}" / "config.yaml").read_text())
+        assert run["arch"]["genotype"] == f"runs/search/vanilla_meta-seed{seed}/genotype.json"
+        assert run["train"]["mode"] == "vanilla" and run["run"]["seed"] == seed
+    rows = {r["variant"]: r for r in csv.DictReader((root / "compare.csv").open())}
+    assert set(rows) == {"vanilla_meta"} and rows["vanilla_meta"]["seeds"] == "2"
+    assert 0 <= float(rows["vanilla_meta"]["top1_mean"]) <= float(rows["vanilla_meta"]["top5_mean"]) <= 100
 
 
 def test_the_searched_network_follows_its_genotype_and_trains_its_auxiliary_head():
