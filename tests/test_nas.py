@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from experiments.bench import nas_search
 from experiments.cli import main
 from mlo.errors import ConfigError
 from mlo.models.nas import (NONE, PRIMITIVES, Architecture, GenotypeNetwork, MixedOp, Supernet, channel_shuffle,
@@ -147,6 +148,34 @@ def test_a_search_comparison_is_evaluated_genotype_by_genotype(tmp_path, monkeyp
     rows = {r["variant"]: r for r in csv.DictReader((root / "compare.csv").open())}
     assert set(rows) == {"vanilla_meta"} and rows["vanilla_meta"]["seeds"] == "2"
     assert 0 <= float(rows["vanilla_meta"]["top1_mean"]) <= float(rows["vanilla_meta"]["top5_mean"]) <= 100
+
+    # the search report reads A back from each run's checkpoint: its genotype is the one the run wrote
+    capsys.readouterr()
+    nas_search.main(["runs/search"])
+    report = capsys.readouterr().out
+    for seed in (0, 1):
+        genotype = json.loads((tmp_path / "runs" / "search" / f"vanilla_meta-seed{seed}" / "genotype.json").read_text())
+        assert f"| vanilla_meta | {seed} |" in report and nas_search.short(genotype["normal"]) in report
+    assert "| vanilla_meta | vanilla_meta |" in report and "| vanilla_meta | 2 |" in report
+
+
+def test_shared_edges_of_genotypes_and_their_chance_level():
+    rng = random.Random(0)
+
+    def draw(steps=4):
+        cells = {}
+        for cell in ("normal", "reduce"):
+            gene = []
+            for node in range(steps):
+                for i in sorted(rng.sample(range(2 + node), 2)):
+                    gene.append((rng.choice([p for p in PRIMITIVES if p != "none"]), i))
+            cells[cell] = gene
+        return cells
+
+    a = draw()
+    assert nas_search.shared_edges(a, a) == 1.0
+    shared = [nas_search.shared_edges(draw(), draw()) for _ in range(4000)]
+    assert abs(sum(shared) / len(shared) - nas_search.chance_shared(4)) < 0.005
 
 
 def test_the_searched_network_follows_its_genotype_and_trains_its_auxiliary_head():
