@@ -7,7 +7,7 @@ the genotype; how far the search moved A from its near-uniform start (the mean o
 strongest non-none operation's weight: 1/8 for an untouched α, 1 for a one-hot one, and the same for
 β's edge weights, 1/(inputs of the node) untouched); how many of the genotype's edges two runs share
 (seeds of one variant, and across variants), the chance level being what two random genotypes share;
-and the search cost: wall time, GAN pre-training included, and seconds per search iteration, each
+and the search cost: wall time (the GAN's own phases included) and seconds per search iteration, each
 relative to ``vanilla_meta`` (PC-DARTS). Figures only: this reads runs, it trains nothing.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mlo.report import markdown_table
 RUN = re.compile(r"^(?P<folder>.+)-seed(?P<seed>\d+)$")
 CELLS = ("normal", "reduce")
 A_KEYS = ("alpha_normal", "alpha_reduce", "beta_normal", "beta_reduce")
+GAN_PHASES = ("GAN pre-training", "GAN")  # the phases that train the GAN alone (``experiments.phases``)
 REAL_OPS = [i for i in range(len(PRIMITIVES)) if i != NONE]
 
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         phases = metrics["phase_seconds"]
         runs.append({"variant": match["folder"], "seed": int(match["seed"]), "genotype": genotype,
                      "decided": decisiveness(arch), "wall": metrics["wall_time_s"],
-                     "pretrain": phases.get("gan_pretrain", 0.0) + phases.get("gan", 0.0),
+                     "pretrain": sum(phases.get(name, 0.0) for name in GAN_PHASES),
                      "s_per_it": metrics["seconds_per_iteration"]})
     if not runs:
         raise SystemExit(f"{args.search_dir}: no finished <variant>-seed<s> runs with a genotype.json")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(["variant", "variant", "shared edges", "pairs"], rows))
 
     reference = by_variant.get("vanilla_meta")
-    print("\nSearch cost (wall time includes GAN pre-training; s/iteration is the search phase's)"
+    print("\nSearch cost (wall time includes the GAN's own phases; s/iteration is the search phase's)"
           + (", relative to vanilla_meta (PC-DARTS):" if reference else ":") + "\n")
     rows = []
     for v in variants:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio = (f"{wall / np.mean([r['wall'] for r in reference]):.1f}x / "
                  f"{per_it / np.mean([r['s_per_it'] for r in reference]):.1f}x") if reference else "-"
         rows.append([v, str(len(by_variant[v])), f"{wall:.0f}", f"{pretrain:.0f}", f"{per_it:.3f}", ratio])
-    print(markdown_table(["variant", "runs", "wall s", "GAN pre-training s", "s / iteration", "wall / per iteration"],
+    print(markdown_table(["variant", "runs", "wall s", "GAN phases s", "s / iteration", "wall / per iteration"],
                          rows))
 
 
