@@ -218,6 +218,9 @@ def test_without_a_meta_level_the_reported_classifiers_own_architecture_is_writt
                  "device=cpu", "name=mtl"]) == 0
     genotype = json.loads((tmp_path / "runs" / "mtl" / "genotype.json").read_text())
     assert len(genotype["normal"]) == 4 and (tmp_path / "runs" / "mtl" / "cell_reduce.png").is_file()
+    # the search report reads the same architecture back from W2's checkpointed weights
+    arch = nas_search.searched_architecture(tmp_path / "runs" / "mtl" / "checkpoint.pt", genotype["steps"])
+    assert json.loads(json.dumps(arch.genotype())) == genotype
 
 
 @pytest.mark.parametrize("overrides,message", [
