@@ -181,7 +181,7 @@ def restore_run(run_dir: Path, cfg: Config):
 
     run = Run(cfg)
     run.run_dir = run_dir
-    run.load_checkpoint()
+    run.load_checkpoint(evaluation_only=True)
     if not run.trainer.done:
         print(f"note: the checkpoint is from step {run.engine.global_step} of {run.trainer.total_iterations}; "
               f"using it as it is", file=sys.stderr)
@@ -255,7 +255,8 @@ def cmd_gan_metrics(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from experiments.compare import compare, parse_seeds, parse_variants, searched_variants, shared_config
+    from experiments.compare import (compare, is_posthoc_override, parse_seeds, parse_variants, searched_variants,
+                                     shared_config)
     from mlo.distributed import Processes
     from mlo.errors import TrainingStopped
 
@@ -273,6 +274,10 @@ def cmd_compare(args) -> int:
         if any(o.split("=", 1)[0] in (key, key.split(".")[1]) for o in overrides):
             raise UserError(f"{key} is set per run by compare (--modes, --seeds, --name, --genotypes-of); "
                             f"remove the override")
+    for o in overrides:
+        if is_posthoc_override(o):
+            raise UserError(f"{o.split('=', 1)[0]}: give a post-hoc correction per variant (--modes end2end:{o}), "
+                            f"so that compare starts it from the finished run of the variant without it")
     if args.genotypes_of:
         variants = searched_variants(Path(args.genotypes_of).expanduser(), seeds)
         default_name = f"{Path(args.genotypes_of).name}-evaluated"

@@ -25,18 +25,19 @@ import yaml
 from scipy import stats
 
 from mlo.checkpoint import atomic_write, existing_checkpoint
-from mlo.config import config_diff, from_dict, load_config
+from mlo.config import config_diff, from_dict, load_config, resolve_key
 from mlo.data import SHOT_RULE
 from mlo.errors import ConfigError, UserError
 from mlo.report import markdown_table
 from experiments.modes import MODES, resolve_mode
-from experiments.runner import CHECKPOINT, CONFIG, METRICS, RESUMABLE_CHANGES, Run, prepare_run_dir
+from experiments.runner import CHECKPOINT, CONFIG, METRICS, POSTHOC_SETTINGS, RESUMABLE_CHANGES, Run, prepare_run_dir
 
 METRIC_COLUMNS = [("top1", "Top-1 %", 100), ("top5", "Top-5 %", 100), ("many", "Many %", 100), ("medium", "Medium %", 100),
                   ("few", "Few %", 100), ("ece", "ECE", 1), ("per_class_std", "per-class std %", 100),
                   ("wall_time_s", "time / run (s)", 1)]
 BASELINES = ("vanilla", "vanilla_meta", "sequential")  # vanilla_meta with model.meta=arch is PC-DARTS
 GENOTYPE = "genotype.json"
+GAN_CACHE = "gan_cache"  # pre-trained GANs shared by the comparison's runs (run.gan_cache)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,26 @@ class Variant:
     @property
     def folder(self) -> str:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace("=", "-"))
+
+
+def is_posthoc_override(text: str) -> bool:
+    """Whether a ``key=value`` override sets one of the settings that act only after training."""
+    key = text.split("=", 1)[0]
+    try:
+        return ".".join(resolve_key(key)) in POSTHOC_SETTINGS
+    except ConfigError:
+        return False
+
+
+def base_variant(variant: Variant) -> Variant | None:
+    """The variant without its post-hoc correction (``end2end`` for ``end2end:posthoc=crt``), whose finished
+    runs a run of ``variant`` continues; None for a variant without one."""
+    mode, _, rest = variant.label.partition(":")
+    extras = [o for o in rest.split("+") if o]
+    kept = [o for o in extras if not is_posthoc_override(o)]
+    if len(kept) == len(extras) or variant.searched_in:
+        return None
+    return Variant(mode + (":" + "+".join(kept) if kept else ""), (f"train.mode={mode}",) + tuple(kept))
 
 
 def parse_variants(text: str) -> list[Variant]:
@@ -104,10 +125,12 @@ def parse_seeds(text: str) -> list[int]:
 
 def run_variant(config_path: Path | None, overrides: list[str], variant: Variant, seed: int, root: Path,
                 log=print) -> dict:
-    """Train (or reuse, or resume) one run of the comparison; its metrics."""
+    """Train (or reuse, or resume) one run of the comparison; its metrics. A variant with a post-hoc
+    correction continues the finished run of the variant without it (trained first if need be)."""
     name = f"{variant.folder}-seed{seed}"
-    cfg = load_config(config_path, [*overrides, *variant.overrides, *variant.seed_overrides(seed), f"run.seed={seed}",
-                                    f"run.name={name}", f"run.out_dir={root}"])
+    cfg = load_config(config_path, [f"run.gan_cache={root / GAN_CACHE}", *overrides, *variant.overrides,
+                                    *variant.seed_overrides(seed), f"run.seed={seed}", f"run.name={name}",
+                                    f"run.out_dir={root}"])
     run_dir = root / name
     if (run_dir / CONFIG).is_file():
         saved = from_dict(yaml.safe_load((run_dir / CONFIG).read_text()), source=str(run_dir / CONFIG))
@@ -118,12 +141,22 @@ def run_variant(config_path: Path | None, overrides: list[str], variant: Variant
         if (run_dir / METRICS).is_file():
             log(f"{name}: finished before, reused")
             return json.loads((run_dir / METRICS).read_text())
-        resume = existing_checkpoint(run_dir / CHECKPOINT) is not None
-        log(f"{name}: {'resumed' if resume else 'restarted'}")
-        return Run(cfg).execute(run_dir, resume=resume)
-    log(f"{name}: training")
-    prepare_run_dir(cfg, name)
-    return Run(cfg).execute(run_dir)
+        if existing_checkpoint(run_dir / CHECKPOINT) is not None:
+            log(f"{name}: resumed")
+            return Run(cfg).execute(run_dir, resume=True)
+        log(f"{name}: restarted")
+    else:
+        prepare_run_dir(cfg, name)
+    base = base_variant(variant)
+    if base is None:
+        log(f"{name}: training")
+        return Run(cfg).execute(run_dir)
+    base_dir = root / f"{base.folder}-seed{seed}"  # the same training, without the correction
+    if not (base_dir / METRICS).is_file():
+        log(f"{name}: first {base_dir.name}, the run it continues")
+        run_variant(config_path, overrides, base, seed, root, log=log)
+    log(f"{name}: from {base_dir.name} (trained once, corrected here)")
+    return Run(cfg).execute(run_dir, start_from=base_dir)
 
 
 def mean_std(values: list[float], scale: float) -> str:

@@ -99,7 +99,8 @@ def measure(run, *, n: int | None, seed: int, truncation: float | None, gan_trai
             "epochs": gan_train_epochs, "generated_set": "the one made for the test reference",
             **gan_train_test(lambda: run.ctx.classifier("w1", standalone=True),
                              (d.train_images, d.train_labels), (d.test_images, d.test_labels), generated["test"],
-                             epochs=gan_train_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed, device=run.device),
+                             epochs=gan_train_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed, device=run.device,
+                             holdout=None if d.holdout_images is None else (d.holdout_images, d.holdout_labels)),
         }
     return result
 
@@ -141,6 +142,11 @@ def format_report(result: dict, classes: list[str]) -> str:
         lines += [f"{r:<10} {s[r]['n']:>6} {s[r]['fid']:>10.4g}" for r in ("train", "test") if r in s]
     if "gan_train_test" in result:
         g = result["gan_train_test"]
-        lines += ["", f"GAN-train (trained on generated, tested on real test images): {100 * g['gan_train']:.2f}%",
-                  f"GAN-test (trained on real training images, tested on generated): {100 * g['gan_test']:.2f}%"]
+        lines += ["", f"GAN-train (trained on generated, tested on real test images): {100 * g['gan_train']:.2f}%"]
+        if "gan_train_holdout" in g:
+            lines.append(f"GAN-train on {g['holdout_images']} held-out real images (the training pool beyond the "
+                         f"long-tail cut; to choose by): {100 * g['gan_train_holdout']:.2f}%")
+        lines += [f"GAN-test (trained on real training images, tested on generated): {100 * g['gan_test']:.2f}%",
+                  "GAN-train per class (test images): " + ", ".join(
+                      f"{classes[int(c)]} {100 * a:.1f}%" for c, a in g["gan_train_per_class"].items())]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ and, where a level is not of the kind of its name, which kind it is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -25,9 +25,10 @@ from mlo.models.gan import GAN
 from mlo.models.gan.diffaugment import parse_policy
 from mlo.models.gan.losses import ADVERSARIAL_LOSSES, GANObjective
 from mlo.models.gan.sampling import LearnedTruncation
-from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem,
+from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, AllocationProblem, ClassifierProblem,
                       DiscriminatorProblem, GeneratorProblem, MetaProblem, RefinedClassifierProblem,
                       RetrainedHeadProblem, TruncationProblem, level_config)
+from problems.base import unwrap
 from problems.multitask import MultiTaskGeneratorProblem
 from problems.mwn import MetaWeightedClassifierProblem, WeightingNetProblem
 from problems.sequential import PregeneratedClassifierProblem
@@ -40,8 +41,9 @@ ARCH_DISCRIMINATORS = ("biggan", "acgan", "wacgan_gp")  # discriminators whose b
 # the runs made before would not be reproduced).
 SEED_KEYS = {"w1 batches": 1, "w2 batches": 2, "w2 validation batches": 3, "disc batches": 4,
              "meta validation batches": 5, "sequential generated batches": 6, "mtl validation batches": 7,
-             "mwn validation batches": 8, "crt batches": 9, "sequential generation": 77,
-             "sequential generated order": 78, "samples": 99}
+             "mwn validation batches": 8, "crt batches": 9, "meta training batches": 10,
+             "alloc validation batches": 11, "sequential generation": 77, "sequential generated order": 78,
+             "samples": 99}
 
 
 @dataclass
@@ -51,6 +53,7 @@ class BuildContext:
     mode: Mode
     device: torch.device
     processes: Processes = Processes()  # under torchrun, each process trains on its share of every batch
+    levels: dict = field(default_factory=dict)  # the problems built so far, by name (build_levels fills it)
 
     # ----- sizes -------------------------------------------------------------------------------
     @property
@@ -72,13 +75,19 @@ class BuildContext:
     @cached_property
     def allocator(self) -> Allocator:
         t = self.cfg.train
-        return create_allocator(t.allocator, gen_per_real=t.gen_per_real, k=t.worstk_k, fraction=t.worstk_fraction)
+        return create_allocator(t.allocator, gen_per_real=t.gen_per_real, k=t.worstk_k, fraction=t.worstk_fraction,
+                                num_classes=self.num_classes)
+
+    @property
+    def gen_per_epoch(self) -> int:
+        """The budget M: the allocator's generated images per epoch."""
+        return self.allocator.images_per_epoch(self.data.train_counts)
 
     @property
     def gen_per_step(self) -> int:
-        """Generated images per W2 step: the allocator's budget M per epoch, spread over its steps; under
-        torchrun split between the processes (each generates ⌈M / N⌉ from its own noise)."""
-        m = max(1, round(self.allocator.images_per_epoch(self.data.train_counts) / self.steps_per_epoch))
+        """Generated images per W2 step: the budget M spread over an epoch's steps; under torchrun split
+        between the processes (each generates ⌈M / N⌉ from its own noise)."""
+        m = max(1, round(self.gen_per_epoch / self.steps_per_epoch))
         return -(-m // self.processes.world_size)
 
     @property
@@ -218,7 +227,7 @@ class BuildContext:
         """What every classifier level takes: its own loss (statistics are per level), the schedule
         length, the SAM radius, and the common settings."""
         return {"loss_fn": self.loss_fn(), "total_steps": self.total_steps, "sam_rho": self.cfg.train.sam_rho,
-                **self.common(name)}
+                "num_classes": self.num_classes, **self.common(name)}
 
     def common(self, name: str) -> dict:
         ready_on = list(self.mode.ready_on[name]) if name in self.mode.ready_on else None
@@ -252,6 +261,10 @@ class BuildContext:
                                        channels_last=self.cfg.run.channels_last),
                            "train.batch_size")
 
+    def class_balanced_batches(self, stream: str, batch_size: int):
+        """Training images drawn class-balanced (each class equally often), ``batch_size`` at a time."""
+        return self.train_loader(stream, batch_size=batch_size, order="class_balanced")
+
     def val_loader(self, stream: str, with_indices: bool = False):
         d, p = self.data, self.processes
         return self.shared(make_loader("balanced", d.val_images, d.val_labels, self.cfg.data.val_batch_size,
@@ -275,8 +288,8 @@ def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
     return RefinedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
         (ctx.train_loader("w2 batches"), ctx.val_loader("w2 validation batches", with_indices=True)),
-        allocator=ctx.allocator, keep_form=t.keep_weights,
-        train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step,
+        allocator=ctx.allocator, keep_form=t.keep_weights, budget=t.gen_budget,
+        train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step, gen_per_epoch=ctx.gen_per_epoch,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
         truncation=None if ctx.cfg.gan.learn_truncation else ctx.cfg.gan.truncation,
         decov_weight=t.decov_weight, **ctx.classifier_settings("w2"))
@@ -289,16 +302,19 @@ def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
     return PregeneratedClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
         (ctx.train_loader("w2 batches"), ctx.train_loader("sequential generated batches")), lambda_gen=ctx.cfg.train.lambda_gen,
-        gen_per_step=ctx.gen_per_step, **ctx.classifier_settings("w2"))
+        gen_per_step=ctx.gen_per_step, train_counts=ctx.data.train_counts, **ctx.classifier_settings("w2"))
 
 
 def build_crt(ctx: BuildContext) -> RetrainedHeadProblem:
-    """cRT: W1's encoder (frozen) under a fresh A-shaped head, trained with class-balanced sampling."""
-    module = Classifier(ctx.w1_encoder, "w2", meta=ctx.create_meta(("w2",)), own_head=ctx.own_head())
+    """cRT: the encoder of the classifier the mode reports (frozen) under a fresh A-shaped head, trained
+    on the real training images with class-balanced sampling."""
+    encoder = unwrap(ctx.levels[ctx.mode.retrains].module).encoder
+    module = Classifier(encoder, "crt", meta=ctx.create_meta(("crt",)), own_head=ctx.own_head())
     head = [p for name, p in module.named_parameters() if not name.startswith("encoder.")]
     optimizer = ctx.classifier_optimizer(nn.ParameterList(head))
-    return RetrainedHeadProblem("w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-                                ctx.train_loader("crt batches", order="class_balanced"), **ctx.classifier_settings("w2"))
+    return RetrainedHeadProblem("crt", ctx.level_config("crt"), module, optimizer, ctx.classifier_scheduler(optimizer),
+                                ctx.class_balanced_batches("crt batches", ctx.cfg.train.batch_size),
+                                **ctx.classifier_settings("crt"))
 
 
 def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> DiscriminatorProblem:
@@ -313,7 +329,9 @@ def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> Disc
     module = ctx.gan.discriminator
     return DiscriminatorProblem(
         "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, g.d_lr),
-        train_data_loader=ctx.train_loader("disc batches", batch_size=batch * g.coreset_factor), objective=objective,
+        train_data_loader=ctx.train_loader("disc batches", batch_size=batch * g.coreset_factor,
+                                           order="class_balanced" if g.real_batches == "class_balanced" else "shuffle"),
+        objective=objective,
         diffaugment_policy=parse_policy(g.diffaugment), batch_size=ctx.batch_share, lecam_weight=g.lecam_weight,
         lecam_decay=g.lecam_decay, **ctx.common("disc"))
 
@@ -349,11 +367,23 @@ def build_trunc(ctx: BuildContext) -> TruncationProblem:
 
 
 def build_meta(ctx: BuildContext) -> MetaProblem:
+    t = ctx.cfg.train
     module = ctx.meta_module
-    optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.meta_lr, fused=True)
+    optimizer = torch.optim.Adam(module.parameters(), lr=t.meta_lr, weight_decay=t.meta_weight_decay, fused=True)
+    loaders = [ctx.val_loader("meta validation batches")]
+    if t.meta_data == "val_and_train":  # as many class-balanced training images as validation images per batch
+        loaders.append(ctx.class_balanced_batches("meta training batches", ctx.cfg.data.val_batch_size))
     return MetaProblem("meta", ctx.level_config("meta", retain_graph=True), module, optimizer,
-                       train_data_loader=ctx.val_loader("meta validation batches"), gamma=ctx.cfg.train.gamma,
+                       train_data_loader=tuple(loaders) if len(loaders) > 1 else loaders[0], gamma=t.gamma,
                        **ctx.common("meta"))
+
+
+def build_alloc(ctx: BuildContext) -> AllocationProblem:
+    """The learned allocation (``train.allocator=learned``): p(s)'s logits, an upper level of W2."""
+    module = ctx.allocator.module
+    optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.alloc_lr, fused=True)
+    return AllocationProblem("alloc", ctx.level_config("alloc", retain_graph=True), module, optimizer,
+                             train_data_loader=ctx.val_loader("alloc validation batches"), **ctx.common("alloc"))
 
 
 # ----- adversarial (worst-case) generation ----------------------------------------------------------
@@ -368,7 +398,7 @@ def build_adversarial_classifier(ctx: BuildContext) -> AdversarialClassifierProb
     optimizer = ctx.classifier_optimizer(module)
     return AdversarialClassifierProblem(
         "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer), ctx.train_loader("w2 batches"),
-        num_classes=ctx.num_classes, gen_per_step=ctx.gen_per_step, lambda_gen=t.lambda_gen,
+        gen_per_step=ctx.gen_per_step, lambda_gen=t.lambda_gen,
         decov_weight=t.decov_weight, **ctx.classifier_settings("w2"))
 
 
@@ -400,9 +430,10 @@ def build_mwn(ctx: BuildContext) -> WeightingNetProblem:
                                train_data_loader=ctx.val_loader("mwn validation batches"), **ctx.common("mwn"))
 
 
-LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "crt": build_crt, "w2_pregenerated": build_w2_pregenerated, "disc": build_disc,
-                  "gen": build_gen, "gen_mtl": build_gen_mtl, "meta": build_meta, "w1_mwn": build_w1_mwn,
-                  "mwn": build_mwn, "trunc": build_trunc, "adversarial_classifier": build_adversarial_classifier,
+LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "crt": build_crt, "w2_pregenerated": build_w2_pregenerated,
+                  "disc": build_disc, "gen": build_gen, "gen_mtl": build_gen_mtl, "meta": build_meta,
+                  "w1_mwn": build_w1_mwn, "mwn": build_mwn, "trunc": build_trunc, "alloc": build_alloc,
+                  "adversarial_classifier": build_adversarial_classifier,
                   "adversarial_critic": build_adversarial_critic, "adversarial_generator": build_adversarial_generator}
 
 
@@ -412,4 +443,6 @@ def build_levels(ctx: BuildContext) -> list:
         raise ConfigError(f"train.worstk_k={ctx.cfg.train.worstk_k} exceeds the {ctx.num_classes} classes of "
                           f"{ctx.cfg.data.dataset}; lower it")
     torch.manual_seed(ctx.cfg.run.seed)
-    return [LEVEL_BUILDERS[ctx.mode.kind(name)](ctx) for name in ctx.mode.levels]
+    for name in ctx.mode.levels:
+        ctx.levels[name] = LEVEL_BUILDERS[ctx.mode.kind(name)](ctx)
+    return list(ctx.levels.values())

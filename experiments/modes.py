@@ -43,6 +43,26 @@ class Mode:
         return replace(self, levels=self.levels + (level,), u2l={**self.u2l, level: (lower,)},
                        l2u={**self.l2u, lower: self.l2u.get(lower, ()) + (level,)})
 
+    @property
+    def reported(self) -> str:
+        """The level whose classifier the run reports ("after"): a re-trained head, else W2, else W1."""
+        return next(n for n in ("crt", "w2", "w1") if n in self.levels)
+
+    @property
+    def retrains(self) -> str:
+        """The classifier whose encoder a re-trained head (cRT) reads: the one the mode reports without it."""
+        return next(n for n in ("w2", "w1") if n in self.levels)
+
+    @property
+    def draws_generated(self) -> bool:
+        """W2 draws generated images as it trains, weighted by b_m (their budget and keep form apply)."""
+        return self.kind("w2") == "w2" and "w2" in self.levels
+
+    def with_retrained_head(self) -> "Mode":
+        """The same mode, then cRT: a fresh head on the frozen encoder of the reported classifier, trained
+        with class-balanced sampling after every other phase and reported in its place."""
+        return replace(self, levels=self.levels + ("crt",), phases=self.phases + ("crt",))
+
 
 MODES: dict[str, Mode] = {
     "end2end": Mode(
@@ -132,17 +152,6 @@ META_WEIGHT_NET = Mode(
 )
 
 
-# train.posthoc=crt adds to vanilla the re-trained head (cRT), reported as the final classifier
-CLASSIFIER_RETRAINING = Mode(
-    name="vanilla",
-    description="one classifier on the long-tailed training set, then its head re-trained on its frozen encoder "
-                "with class-balanced sampling (cRT)",
-    levels=("w1", "w2"),
-    phases=("w1", "crt"),
-    kinds={"w2": "crt"},
-)
-
-
 # kinds of W2 whose loss takes the DeCov penalty of its features of the images it generates as it trains
 DECOV_KINDS = ("w2", "adversarial_classifier")
 
@@ -158,12 +167,6 @@ def resolve_mode(cfg) -> Mode:
             raise ConfigError(f"train.loss=mwn is Meta-Weight-Net, a baseline of train.mode=vanilla "
                               f"(this is {t.mode}); use another loss here")
         mode = META_WEIGHT_NET
-    if t.posthoc != "none":
-        if t.mode != "vanilla" or t.loss == "mwn":
-            raise ConfigError(f"train.posthoc={t.posthoc} corrects a plain classifier: it applies to train.mode=vanilla "
-                              f"without Meta-Weight-Net (this is {t.mode}, loss {t.loss}); drop it")
-        if t.posthoc == "crt":
-            mode = CLASSIFIER_RETRAINING
     for key, posthoc in (("posthoc_tau", "logit_adjust"), ("crt_epochs", "crt")):
         if getattr(t, key) != getattr(type(t)(), key) and t.posthoc != posthoc:
             raise ConfigError(f"train.{key} applies to train.posthoc={posthoc} only; drop it")
@@ -171,17 +174,29 @@ def resolve_mode(cfg) -> Mode:
         raise ConfigError(f"run.compile={cfg.run.compile}: train.hypergradient=exact differentiates the levels' "
                           f"steps twice, which torch.compile does not support; use train.hypergradient=darts or "
                           f"run.compile=none")
-    if not mode.generates and t.keep_weights != "relaxed":
-        raise ConfigError(f"train.keep_weights={t.keep_weights} weighs generated images, and train.mode={t.mode} "
-                          f"generates none; drop it")
+    for key in ("keep_weights", "gen_budget"):
+        if getattr(t, key) != getattr(type(t)(), key) and not mode.draws_generated:
+            raise ConfigError(f"train.{key}={getattr(t, key)} weighs the images W2 draws as it trains, which "
+                              f"train.mode={t.mode} does not do (sequential trains on M p_c images generated once, "
+                              f"at weight 1); drop it")
     if m.meta == "none" and "meta" in mode.levels:
         mode = mode.without("meta")
     if not mode.generates and t.allocator != "needs":
         raise ConfigError(f"train.allocator={t.allocator} has no effect in train.mode={t.mode}, which generates "
                           f"nothing; drop it or choose a generating mode")
-    if "meta" not in mode.levels and t.gamma != 1.0:
-        raise ConfigError(f"train.gamma weighs W1's loss in A's objective, but this run has no meta level "
-                          f"(train.mode={t.mode}, model.meta={m.meta}); drop it")
+    if t.allocator == "learned":
+        if not mode.draws_generated:
+            raise ConfigError(f"train.allocator=learned learns p(s) through W2's training on images it draws as it "
+                              f"trains, which train.mode={t.mode} does not do; use another allocator")
+        mode = mode.with_upper("alloc", "w2")
+    elif t.alloc_lr != type(t)().alloc_lr:
+        raise ConfigError("train.alloc_lr applies to train.allocator=learned only; drop it")
+    if "meta" not in mode.levels:
+        for key, what in (("gamma", "weighs W1's loss in A's objective"), ("meta_weight_decay", "decays A"),
+                          ("meta_data", "chooses A's data")):
+            if getattr(t, key) != getattr(type(t)(), key):
+                raise ConfigError(f"train.{key} {what}, but this run has no meta level (train.mode={t.mode}, "
+                                  f"model.meta={m.meta}); drop it")
     if m.tie_encoders and len({"w2", "disc"} & set(mode.levels)) == 0:
         raise ConfigError(f"model.tie_encoders shares W1's encoder with W2 and H, which train.mode={t.mode} "
                           f"does not have; drop it")
@@ -190,14 +205,15 @@ def resolve_mode(cfg) -> Mode:
                           f"(this is {t.mode}); drop it")
     if t.mtl_weight != 1.0 and t.mode != "mtl":
         raise ConfigError(f"train.mtl_weight only applies to train.mode=mtl (this is {t.mode}); drop it")
-    return with_gan_options(cfg, mode)
+    mode = with_gan_options(cfg, mode)
+    return mode.with_retrained_head() if t.posthoc == "crt" else mode
 
 
 def with_gan_options(cfg, mode: Mode) -> Mode:
     """The mode with the learned-truncation level ``trunc`` if asked for, after refusing GAN options
     that would do nothing in it."""
     g, t, defaults = cfg.gan, cfg.train, type(cfg.gan)()
-    reducers = [f"gan.{k}" for k in ("topk_min_fraction", "coreset_factor", "lecam_weight")
+    reducers = [f"gan.{k}" for k in ("topk_min_fraction", "coreset_factor", "lecam_weight", "real_batches")
                 if getattr(g, k) != getattr(defaults, k)]
     if reducers and not {"disc", "gen"} <= set(mode.levels):
         raise ConfigError(f"{reducers[0]} acts on the GAN, which train.mode={t.mode} does not train; drop it")

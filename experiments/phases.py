@@ -21,12 +21,14 @@ def build_phases(run) -> list[Phase]:
     ctx, cfg, mode = run.ctx, run.cfg, run.mode
     total, epoch = ctx.total_steps, ctx.steps_per_epoch
     pretrain = cfg.gan.gan_pretrain_steps
+    # a re-trained head (cRT) steps in its own phase, after the others
+    training_leaves = [p.name for p in run.engine.leaves if p.name != "crt"] if "crt" in mode.levels else None
     make = {
         "gan_pretrain": lambda: Phase("GAN pre-training", pretrain, leaves=["disc"], unroll={"disc": 1}) if pretrain else None,
         "gan": lambda: Phase("GAN", total, leaves=["disc"]),
-        "joint": lambda: Phase(mode.name, total, epoch_length=epoch),
+        "joint": lambda: Phase(mode.name, total, leaves=training_leaves, epoch_length=epoch),
         "w1": lambda: Phase("W1", total, leaves=["w1"], epoch_length=epoch),
-        "crt": lambda: Phase("cRT", cfg.train.crt_epochs * epoch, leaves=["w2"], epoch_length=epoch),
+        "crt": lambda: Phase("cRT", cfg.train.crt_epochs * epoch, leaves=["crt"], epoch_length=epoch),
         "w2_pregenerated": lambda: Phase("W2", total, leaves=["w2"], epoch_length=epoch, setup=lambda: pregenerate(run)),
         "mlo_frozen_gan": lambda: Phase("W1, W2, A (GAN frozen)", total, leaves=["w1"], epoch_length=epoch),
     }

@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -45,10 +47,23 @@ from experiments.phases import build_phases
 CHECKPOINT, METRICS, CONFIG, LOG, SEEDS = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv", "seeds.json"
 ALLOCATION_LOG, TENSORBOARD, GENOTYPE = "allocation_log.csv", "tensorboard", "genotype.json"
 # raised whenever what a checkpoint holds changes shape, so an older one is refused by name, not by a KeyError
-CHECKPOINT_FORMAT = 2  # 2: borrowed gradients of tied encoders ("lent")
+CHECKPOINT_FORMAT = 3  # 2: borrowed gradients of tied encoders ("lent"); 3: the counted budget, "trained_on"
 # settings that may change between a checkpoint and its resumption without changing the run
 RESUMABLE_CHANGES = ("run.progress", "run.device", "run.checkpoint_every", "run.name", "run.out_dir", "run.sync_every",
-                     "run.threads", "run.tensorboard")
+                     "run.threads", "run.tensorboard", "run.gan_cache")
+# settings that act only after training: a run with them can start from the finished run without them
+POSTHOC_SETTINGS = ("train.posthoc", "train.posthoc_tau", "train.crt_epochs")
+# settings that act only after the GAN's pre-training (or not at all on it): runs that differ in them alone
+# share a pre-trained GAN (run.gan_cache); the initial weights are compared as well (gan_cache_key)
+AFTER_GAN_PRETRAINING = RESUMABLE_CHANGES + POSTHOC_SETTINGS + tuple(f"train.{k}" for k in (
+    "epochs", "optimizer", "lr", "momentum", "sam_rho", "w2_init", "weight_decay", "lr_milestones", "lr_decay", "meta_lr",
+    "meta_weight_decay", "meta_data", "alloc_lr", "lambda_gen", "gamma", "hypergradient", "darts_alpha", "keep_weights",
+    "gen_budget", "temperature_start", "temperature_end", "allocator", "worstk_k", "worstk_fraction", "loss",
+    "focal_gamma", "cb_beta", "logit_adjust_tau", "ldam_margin", "ldam_scale", "drw_start", "isda_lambda",
+    "mtl_weight", "gen_per_real", "decov_weight", "max_faults")) + (
+    "gan.truncation", "gan.learn_truncation", "gan.truncation_lr")
+GAN_LEVELS = ("disc", "gen")
+PRETRAINING = "GAN pre-training"
 EVAL_BATCH = 500
 SAMPLES_PER_CLASS = 8
 
@@ -106,7 +121,16 @@ class Run:
         if cfg.run.compile != "none":
             compile_modules(problems, cfg.run.compile)
         phases = build_phases(self)
-        self.main_phase = [p.name for p in phases if p.epoch_length][-1]  # the one that trains the final classifier
+        self.gan_cache_file: Path | None = None  # where this run's pre-trained GAN was read or written
+        self.gan_pretrained = None               # "shared" (read from run.gan_cache) or "trained"
+        # not under torchrun (each process has noise of its own) nor with tied encoders (H's steps lend W1 gradients)
+        if cfg.run.gan_cache and not self.processes.distributed and not cfg.model.encoders_tied:
+            for phase in phases:
+                if phase.name == PRETRAINING:
+                    phase.restore, phase.on_end = self.restore_pretrained_gan, self.share_pretrained_gan
+        # the phase that trains the reported classifier (a re-trained head's is a correction after it)
+        self.main_phase = [p.name for p in phases if p.epoch_length and p.leaves != ["crt"]][-1]
+        self.derived_from: Path | None = None  # the finished run this one continues (train.posthoc, in compare)
         self.stop = StopRequest()
         self.trainer = Trainer(self.engine, phases, progress=cfg.run.progress, on_epoch_end=self.end_epoch,
                                on_checkpoint=self.save_checkpoint, checkpoint_every=cfg.run.checkpoint_every,
@@ -115,6 +139,7 @@ class Run:
         self.elapsed = 0.0          # wall seconds of training, summed over resumes
         self.checkpoint_step: int | None = None  # step of the last checkpoint written or loaded
         self.last_epoch: dict[str, dict[str, torch.Tensor]] = {}
+        self.trained_on: dict[str, torch.Tensor] = {}  # per classifier, the class weights of all it trained on
         self.pregenerated: dict[str, torch.Tensor] | None = None  # sequential: the set generated once
         self.tensorboard = None  # a SummaryWriter in run_dir/tensorboard, with run.tensorboard, on rank 0
         if cfg.run.tensorboard:
@@ -140,19 +165,26 @@ class Run:
         self._clock = now
 
     def classifiers(self) -> dict[str, object]:
-        return {n: self.levels[n] for n in ("w1", "w2") if n in self.levels}
+        return {n: self.levels[n] for n in ("w1", "w2", "crt") if n in self.levels}
+
+    def class_prior(self, name: str) -> torch.Tensor:
+        """The class distribution classifier ``name`` trained on: every image of its steps, generated
+        ones at their weight in its loss (λ b_m); the real training counts before its first epoch."""
+        seen = self.trained_on.get(name)
+        prior = torch.as_tensor(self.data.train_counts, dtype=torch.float) if seen is None else seen.float().cpu()
+        return prior / prior.sum()
 
     @torch.no_grad()
     def predict(self, problem, images, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (on the CPU) and labels of ``problem`` on a whole image set; with
-        ``train.posthoc=logit_adjust``, the logits minus ``τ · log prior`` (Menon et al.'s post-hoc
-        adjustment, applied wherever the classifier is evaluated)."""
+        ``train.posthoc=logit_adjust``, the reported classifier's logits minus ``τ · log prior``, the prior
+        the class distribution it trained on (Menon et al.'s post-hoc adjustment, applied wherever that
+        classifier is evaluated)."""
         batches = make_loader("sequential", images, labels, EVAL_BATCH, device=self.device, workers=self.cfg.data.num_workers)
         logits, y = predict(problem, batches)
         t = self.cfg.train
-        if t.posthoc == "logit_adjust":
-            prior = torch.as_tensor(self.data.train_counts, dtype=logits.dtype)
-            logits = logits - t.posthoc_tau * torch.log(prior / prior.sum())
+        if t.posthoc == "logit_adjust" and problem.name == self.mode.reported:
+            logits = logits - t.posthoc_tau * torch.log(self.class_prior(problem.name).to(logits.dtype))
         return logits, y
 
     def accuracy(self, problem, images, labels) -> np.ndarray:
@@ -170,9 +202,14 @@ class Run:
         self._tick()
         self.engine.eval()
         self.share_statistics()
-        self.last_epoch = {name: p.pop_records() for name, p in self.levels.items()}
+        records = {name: p.pop_records() for name, p in self.levels.items()}
         # sums over processes: every ratio below is of two summed records (e.g. loss / steps)
-        sum_([rec[k] for rec in self.last_epoch.values() for k in sorted(rec)])
+        sum_([rec[k] for rec in records.values() for k in sorted(rec)])
+        for name, rec in records.items():
+            if "trained_on" in rec:
+                self.trained_on[name] = self.trained_on.get(name, 0.0) + rec["trained_on"]
+        # a level that did not step this epoch (W2 while a head is re-trained) keeps its last epoch's records
+        self.last_epoch = {**self.last_epoch, **{name: rec for name, rec in records.items() if rec}}
         if not self.processes.main:
             return {}
         row = {"phase": phase.name, "epoch": epoch, "global_step": self.engine.global_step,
@@ -181,7 +218,7 @@ class Run:
                    for name, problem in self.classifiers().items()}
         for name, acc in val_acc.items():
             row[f"{name}_val_acc"] = round(float(acc.mean()), 4)
-        for name, rec in self.last_epoch.items():
+        for name, rec in records.items():
             if "steps" in rec:
                 row[f"{name}_loss"] = round(float(rec["loss"] / rec["steps"]), 4)
                 # other scalar statistics (a learned truncation's tau): their mean over the epoch's steps
@@ -240,6 +277,8 @@ class Run:
             "trainer": self.trainer.state_dict(),
             "levels": {name: p.level_state() for name, p in self.levels.items()},
             "elapsed": self.elapsed, "last_epoch": self.last_epoch, "pregenerated": self.pregenerated,
+            "trained_on": self.trained_on, "derived_from": str(self.derived_from) if self.derived_from else None,
+            "gan_pretrained": [self.gan_pretrained, str(self.gan_cache_file) if self.gan_cache_file else None],
             "processes": self.processes.world_size,
             "rng": self.global_rng_state(),
         }
@@ -270,40 +309,62 @@ class Run:
             save_checkpoint(self.run_dir / CHECKPOINT, state)
         self.checkpoint_step = self.engine.global_step
 
-    def load_checkpoint(self) -> None:
-        """Every process loads the checkpoint, and takes its own part of it."""
-        if self.processes.main:
-            remove_partial_writes(self.run_dir / CHECKPOINT)
-        path = existing_checkpoint(self.run_dir / CHECKPOINT)
+    def load_checkpoint(self, source: Path | None = None, evaluation_only: bool = False) -> None:
+        """Every process loads this run's checkpoint and takes its own part of it.
+
+        ``source``: the run directory of a finished run this one continues, one that differs only in
+        settings acting after training (``POSTHOC_SETTINGS``): its levels and position are taken, and
+        what it lacks (a re-trained head) starts fresh. ``evaluation_only``: the weights are read to
+        evaluate, not to train on (checkpoints of earlier versions are accepted then)."""
+        folder = source or self.run_dir
+        if self.processes.main and source is None:
+            remove_partial_writes(folder / CHECKPOINT)
+        path = existing_checkpoint(folder / CHECKPOINT)
         if path is None:
-            raise UserError(f"no checkpoint in '{self.run_dir}'")
+            raise UserError(f"no checkpoint in '{folder}'")
         state = load_checkpoint(path, map_location=self.device)
         written = state.get("format", 1)
-        # format 1 lacks only the gradients borrowers lend a tied encoder: readable where encoders are untied
-        if written > CHECKPOINT_FORMAT or (written == 1 and self.cfg.model.encoders_tied):
+        # format 1 lacks only the gradients borrowers lend a tied encoder; format 2 weighed generated images by
+        # the squared budget without saying so, and lacks the classes seen: both still evaluate
+        if written > CHECKPOINT_FORMAT or (written < 3 and not evaluation_only) or (
+                written == 1 and self.cfg.model.encoders_tied):
             raise UserError(f"checkpoint '{path}' was written by another version of needsgen (format {written}, "
-                            f"this one reads {CHECKPOINT_FORMAT}{' with tied encoders' if written == 1 else ''}); "
+                            f"this one reads {CHECKPOINT_FORMAT}{'' if evaluation_only else ' to train on'}); "
                             "finish it with that version, or delete the run directory to start over")
-        diff = config_diff(from_dict(state["config"], source=str(path)), self.cfg, ignore=RESUMABLE_CHANGES)
+        ignore = RESUMABLE_CHANGES + (POSTHOC_SETTINGS if source is not None else ())
+        diff = config_diff(from_dict(state["config"], source=str(path)), self.cfg, ignore=ignore)
         if diff:
             raise UserError(f"checkpoint '{path}' was written with a different config: {'; '.join(diff)}")
         written_by = state.get("processes", 1)
         if written_by != self.processes.world_size:
             raise UserError(f"checkpoint '{path}' was written by {written_by} process(es); resume it with as many "
                             f"(torchrun --nproc_per_node={written_by}), not {self.processes.world_size}")
+        if source is not None:
+            trained = len(self.trainer.phases) - (1 if "crt" in self.levels and "crt" not in state["levels"] else 0)
+            if (state["trainer"]["phase_index"], state["trainer"]["iteration"]) != (trained, 0):
+                raise UserError(f"'{folder}' has not finished training; finish it first (needsgen run --resume {folder})")
         own = state["per_process"][self.processes.rank] if "per_process" in state else state  # rank 0 wrote "levels"
         for name, p in self.levels.items():
-            p.load_level_state({**state["levels"][name], **own["levels"][name]})
+            if name in state["levels"]:
+                p.load_level_state({**state["levels"][name], **own["levels"][name]})
+            elif source is None:
+                raise UserError(f"checkpoint '{path}' has no level '{name}' (written by another version of needsgen)")
         self.trainer.load_state_dict(state["trainer"])
         self.elapsed = state["elapsed"]
         self.last_epoch = state["last_epoch"]
         self.pregenerated = state["pregenerated"]
+        self.trained_on = state.get("trained_on", {})
+        if state.get("derived_from"):
+            self.derived_from = Path(state["derived_from"])
+        pretrained, cache_file = state.get("gan_pretrained", (None, None))
+        if pretrained:
+            self.gan_pretrained, self.gan_cache_file = pretrained, Path(cache_file)
         self.checkpoint_step = self.engine.global_step
         rng = own["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"]))
         random.setstate((3, tuple(rng["python"]), None))
-        if self.processes.main:  # epochs logged after the checkpoint will be trained and logged again
+        if self.processes.main and source is None:  # epochs logged after the checkpoint will be trained and logged again
             for name in (LOG, ALLOCATION_LOG):
                 if (self.run_dir / name).exists():
                     self._write_log(name, [r for r in self._read_log(name)
@@ -324,6 +385,53 @@ class Run:
             seeds["noise of process r > 0"] = "derive_seed(noise, r): each process draws its own"
         atomic_write(self.run_dir / SEEDS, lambda f: f.write(json.dumps(seeds, indent=2).encode()))
 
+    # ----- a pre-trained GAN shared between runs (run.gan_cache) -----------------------------------
+    def gan_cache_key(self) -> str:
+        """What determines the GAN's pre-training: every setting but those acting after it, and the
+        initial weights of the levels it trains or reads (taken as the phase starts)."""
+        digest = hashlib.sha256()
+        settings = {k: v for k, v in self.cfg.to_dict().items()}
+        for key in AFTER_GAN_PRETRAINING:
+            section, name = key.split(".")
+            settings[section].pop(name, None)
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        for name in (*GAN_LEVELS, "meta"):
+            if name in self.levels:
+                for key, tensor in sorted(self.levels[name].module.state_dict().items()):
+                    digest.update(key.encode())
+                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:20]
+
+    def restore_pretrained_gan(self) -> bool:
+        """At the start of pre-training: take a GAN another run pre-trained with the same settings (True),
+        or note where this run will leave its own (False)."""
+        self.gan_cache_file = Path(self.cfg.run.gan_cache).expanduser() / f"pretrained-{self.gan_cache_key()}.pt"
+        if not self.gan_cache_file.is_file():
+            return False
+        state = load_checkpoint(self.gan_cache_file, map_location=self.device)
+        for name, level in self.levels.items():
+            if name in GAN_LEVELS:
+                level.load_level_state(state["levels"][name])
+            elif name in state["ready"]:  # G's and H's steps marked themselves ready in the levels above them
+                level.ready = list(state["ready"][name])
+        if "meta" in self.levels:  # H's steps move its own statistics in a neck-form A
+            self.levels["meta"].module.load_state_dict(state["meta"])
+        self.engine.global_step += state["steps"]
+        self.trainer.phase_seconds[PRETRAINING] = state["seconds"]
+        self.gan_pretrained = "shared"
+        return True
+
+    def share_pretrained_gan(self) -> None:
+        """At the end of pre-training: leave the GAN where other runs with the same settings find it."""
+        self.gan_pretrained = "trained"
+        state = {"format": CHECKPOINT_FORMAT, "steps": self.cfg.gan.gan_pretrain_steps,
+                 "seconds": self.trainer.phase_seconds.get(PRETRAINING, 0.0),
+                 "levels": {name: self.levels[name].level_state() for name in GAN_LEVELS},
+                 "ready": {name: list(level.ready) for name, level in self.levels.items()},
+                 "meta": self.levels["meta"].module.state_dict() if "meta" in self.levels else None}
+        self.gan_cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.gan_cache_file, lambda f: torch.save(state, f))
+
     # ----- evaluation and outputs --------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -332,7 +440,7 @@ class Run:
         for name, problem in self.classifiers().items():
             logits, y = self.predict(problem, self.data.test_images, self.data.test_labels)
             test[name] = classification_metrics(logits, y, self.data.train_counts)
-        final = "w2" if "w2" in test else "w1"
+        final = self.mode.reported
         iterations = self.ctx.total_steps
         seconds = self.trainer.phase_seconds.get(self.main_phase, 0.0)
         metrics = {
@@ -341,12 +449,19 @@ class Run:
             "classes": list(self.data.classes), "train_counts": list(self.data.train_counts),
             "shot_rule": SHOT_RULE,
             **{k: v for k, v in test[final].items()},
-            "before": test.get("w1") if final == "w2" else None,
+            "before": test.get("w1") if final != "w1" else None,
             "after": test[final],
+            # every classifier of the run (W2 beside a head re-trained on its encoder, say)
+            "classifiers": {name: {k: m[k] for k in ("top1", "many", "medium", "few")} for name, m in test.items()},
             "wall_time_s": round(self.elapsed, 2),
             "phase_seconds": {k: round(v, 2) for k, v in self.trainer.phase_seconds.items()},
             "train_images_per_s": round(iterations * self.cfg.train.batch_size / max(seconds, 1e-9), 1),
             "seconds_per_iteration": round(seconds / max(1, iterations), 5),
+            "posthoc": self.cfg.train.posthoc,
+            # the class distribution the reported classifier trained on (train.posthoc=logit_adjust's prior)
+            "class_prior": [round(float(v), 5) for v in self.class_prior(final)],
+            "gan_pretrained": (f"{self.gan_pretrained}: {self.gan_cache_file}" if self.gan_pretrained else None),
+            "derived_from": str(self.derived_from) if self.derived_from else None,
         }
         summary = self.allocation_summary()
         if summary is not None:
@@ -443,9 +558,11 @@ class Run:
         z = torch.randn(len(classes), ema.z_dim, generator=gen, device=self.device)
         return ema(z, classes).cpu()
 
-    def execute(self, run_dir: Path, resume: bool = False) -> dict | None:
+    def execute(self, run_dir: Path, resume: bool = False, start_from: Path | None = None) -> dict | None:
         """Train (from the checkpoint if ``resume``), evaluate, write the outputs; the metrics.
 
+        ``start_from``: a finished run that differs from this one only in ``POSTHOC_SETTINGS``; this run
+        continues from its checkpoint (what is left to train is the correction, if anything), with its logs.
         SIGINT/SIGTERM finish the current iteration, write a checkpoint and raise ``TrainingStopped``.
         Under several processes all of them train; rank 0 alone writes to ``run_dir``, evaluates and
         returns the metrics (the others return None).
@@ -453,6 +570,14 @@ class Run:
         self.run_dir = Path(run_dir)
         if resume:
             self.load_checkpoint()
+        elif start_from is not None:
+            self.load_checkpoint(source=Path(start_from))
+            self.derived_from = Path(start_from)
+            if self.processes.main:
+                for name in (LOG, ALLOCATION_LOG):
+                    if (self.derived_from / name).exists():
+                        shutil.copyfile(self.derived_from / name, self.run_dir / name)
+            self.save_checkpoint()  # the run directory is complete from here on (eval, --resume)
         elif self.processes.main:
             for name in (LOG, ALLOCATION_LOG):  # from a run killed before its first checkpoint
                 (self.run_dir / name).unlink(missing_ok=True)

@@ -7,18 +7,23 @@
 - ``sample_classes``: ``o_m ~ p(s)`` by Gumbel-max from uniforms drawn beforehand.
 - ``keep_weights``: ``b_m = σ((log p(o_m) − log(1 − p(o_m)) + g1 − g2) / T)``, the binary
   Gumbel-softmax relaxation of keeping sample m with probability ``p(o_m)``; ``g1 − g2`` is
-  logistic noise, drawn beforehand too. The paper's form keeps a class's images with probability
-  about p, so a class gets about ``M p²`` of them (``Σ b ≈ M Σ p²``); ``straight_through`` keeps the
-  forward value hard (0 or 1) and the relaxed gradient.
+  logistic noise, drawn beforehand too. As Eq. 4 writes it, a class's images are kept with
+  probability about p, so a class gets about ``M p²`` of them (``Σ b ≈ M Σ p²``): the ``squared``
+  budget. ``counted`` (the default) divides b_m by its expectation given p(o_m) (``expected_keep``,
+  no gradient), so class c weighs ``M p_c`` in expectation at every temperature, the count of the
+  paper's Table 3 and of the sequential baseline, and b_m still carries the relaxed gradient to p;
+  ``straight_through`` keeps the forward value hard (0 or 1) and the relaxed gradient.
 - ``temperature``: exponential anneal from ``T0`` to ``T1``.
 
 All noise is an argument, so these are pure functions (finite-difference hops depend on it).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from mlo.distributed import all_reduce_sum
@@ -175,11 +180,36 @@ class WorstKAllocator(Allocator):
         return round(self.fraction * float(counts[chosen.cpu()].sum()))
 
 
+class AllocationLogits(nn.Module):
+    """Per-class logits whose softmax is p(s); zeros at the start (the equal allocation)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=0)
+
+
+@register_allocator
+class LearnedAllocator(Allocator):
+    """Beyond the paper: ``p(s) = softmax(logits)``, the logits an upper level of W2 (``alloc``) learned on
+    the validation set through the hypergradient of W2's validation loss; the statistics are not read."""
+    name = "learned"
+
+    def __init__(self, gen_per_real: float = 1.0, num_classes: int = 2):
+        super().__init__(gen_per_real)
+        self.module = AllocationLogits(num_classes)
+
+    def __call__(self, stats: ClassStats) -> torch.Tensor:
+        return self.module()
+
+
 def create_allocator(name: str, **options) -> Allocator:
-    """``options``: ``gen_per_real`` for every allocator, ``k`` and ``fraction`` for worstk."""
-    if name != "worstk":
-        options = {k: v for k, v in options.items() if k == "gen_per_real"}
-    return ALLOCATORS[name](**options)
+    """``options``: those of ``TrainConfig`` an allocator's constructor names (``gen_per_real``; ``k`` and
+    ``fraction`` for worstk) and ``num_classes``."""
+    accepted = inspect.signature(ALLOCATORS[name]).parameters
+    return ALLOCATORS[name](**{k: v for k, v in options.items() if k in accepted})
 
 
 def uniform_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -200,6 +230,10 @@ def sample_classes(p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 KEEP_FORMS = ("relaxed", "straight_through")
+BUDGETS = ("counted", "squared")
+# nodes of the trapezoid rule behind expected_keep, in the logistic variable l = g1 - g2 (its density
+# is below 1e-13 beyond ±30; a spacing of 0.01 resolves the sigmoid's width T down to T = 0.05)
+_LOGISTIC_NODES = torch.linspace(-30.0, 30.0, 6001, dtype=torch.float64)
 
 
 def keep_weights(p_o: torch.Tensor, logistic: torch.Tensor, temperature: float | torch.Tensor,
@@ -211,6 +245,32 @@ def keep_weights(p_o: torch.Tensor, logistic: torch.Tensor, temperature: float |
     if form == "straight_through":
         return (relaxed > 0.5).to(relaxed.dtype) + relaxed - relaxed.detach()
     return relaxed
+
+
+def expected_keep(p_o: torch.Tensor, temperature: float | torch.Tensor, form: str = "relaxed") -> torch.Tensor:
+    """``E[b | p(o) = p_o]`` over the logistic noise, no gradient: ``p_o`` itself for the hard forward
+    value of ``straight_through``; for the relaxed b, ``∫ σ((logit p + l)/T) dF(l)`` (F the standard
+    logistic), by the trapezoid rule; above p_o at high temperatures (×3 at p = 0.02, T = 1), p_o as T → 0."""
+    p = p_o.detach().clamp(_EPS, 1 - _EPS)
+    if form == "straight_through":
+        return p
+    nodes = _LOGISTIC_NODES.to(p.device)
+    density = torch.sigmoid(nodes) * torch.sigmoid(-nodes)
+    logit = (torch.log(p) - torch.log1p(-p)).double()
+    values = torch.sigmoid((logit[..., None] + nodes) / torch.as_tensor(temperature, dtype=torch.float64))
+    return torch.trapezoid(values * density, nodes).to(p.dtype)
+
+
+def budget_weights(p: torch.Tensor, classes: torch.Tensor, logistic: torch.Tensor, temperature: float | torch.Tensor,
+                   form: str = "relaxed", budget: str = "counted") -> torch.Tensor:
+    """The weight of each generated image (of class ``classes[m]`` drawn from ``p``) in W2's loss:
+    ``keep_weights``, and with the ``counted`` budget divided by its expectation (``expected_keep``), so
+    that class c weighs ``M p_c`` in expectation (``squared``: ``≈ M p_c²``). The gradient to p is b_m's,
+    scaled by a positive constant per class."""
+    keep = keep_weights(p[classes], logistic, temperature, form)
+    if budget == "squared":
+        return keep
+    return keep / expected_keep(p, temperature, form)[classes]  # once per class, not per image
 
 
 def temperature(progress: float, start: float, end: float) -> float:

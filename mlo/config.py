@@ -130,6 +130,10 @@ class GANConfig:
     gan_betas: list[float] = _f([0.0, 0.999], "Adam betas of generator and discriminator")
     ema_decay: float = _f(0.999, "decay of the generator's exponential moving average", min=0.0, max=1.0)
     diffaugment: str = _f("translation,cutout", "DiffAugment policy for D's inputs ('none' for off)")
+    real_batches: str = _f("natural", "how D's real images are drawn: natural (the long-tailed training set as it is) "
+                                      "or class_balanced (each class equally often, so the rare classes' few images "
+                                      "shape D, and through it G, as much as the common ones)",
+                           choices=("natural", "class_balanced"))
     gan_pretrain_steps: int = _f(200, "discriminator/generator steps before the MLO starts", min=0)
     gp_weight: float = _f(10.0, "wacgan_gp: weight lambda_gp of the gradient penalty", min=0.0)
     truncation: float | None = _f(None, "latent truncation tau of the images W2 trains on, "
@@ -166,6 +170,13 @@ class TrainConfig:
     lr_milestones: list[int] = _f([], "epochs at which the learning rates are multiplied by lr_decay")
     lr_decay: float = _f(0.1, "learning-rate factor at each milestone", min=0.0)
     meta_lr: float = _f(1e-3, "learning rate of the meta-parameters A (Adam)", min=0.0)
+    meta_weight_decay: float = _f(0.0, "weight decay (L2, in Adam) of the meta-parameters A; 0 is the paper's "
+                                        "(an extension against A over-fitting a small validation set)", min=0.0)
+    meta_data: str = _f("val", "what A's objective averages over: val (the balanced validation set, the paper's) "
+                               "or val_and_train (each validation batch joined by a class-balanced batch of as many "
+                               "training images: an extension against A over-fitting a small validation set)",
+                        choices=("val", "val_and_train"))
+    alloc_lr: float = _f(0.01, "train.allocator=learned: learning rate (Adam) of the per-class logits of p(s)", min=0.0)
     meta_every: int = _f(8, "G and A are updated every this many iterations", min=1)
     lambda_gen: float = _f(1.0, "weight of the generated-image loss in W2's objective (lambda)", min=0.0)
     gamma: float = _f(1.0, "weight of W1's validation loss in A's objective (gamma)", min=0.0)
@@ -174,13 +185,21 @@ class TrainConfig:
                                      "backward), or first_order (no hops: the upper levels' direct gradients only)",
                             choices=("darts", "exact", "first_order"))
     darts_alpha: float = _f(1e-4, "finite-difference step of the darts hops, in parameter norm", min=0.0)
-    keep_weights: str = _f("relaxed", "W2's weights b_m of generated images: relaxed (the paper's binary Gumbel-softmax, "
-                                      "so a class keeps about M p^2 images) or straight_through (0 or 1 forward, the "
-                                      "relaxed gradient)", choices=("relaxed", "straight_through"))
+    keep_weights: str = _f("relaxed", "W2's weights b_m of generated images: relaxed (the paper's binary Gumbel-softmax) "
+                                      "or straight_through (0 or 1 forward, the relaxed gradient)",
+                           choices=("relaxed", "straight_through"))
+    gen_budget: str = _f("counted", "how much each generated class weighs in W2's loss: counted (b_m divided by its "
+                                    "expectation given p(o_m), without gradient: class c weighs M p_c, the count of "
+                                    "the paper's Table 3 and of sequential) or squared (b_m as Eq. 4 writes it: the "
+                                    "image is drawn with probability p and kept with probability about p, so class "
+                                    "c weighs about M p_c^2, all generated images about M sum(p^2))",
+                         choices=("counted", "squared"))
     temperature_start: float = _f(1.0, "Gumbel-softmax temperature at the start", min=1e-6)
     temperature_end: float = _f(0.1, "Gumbel-softmax temperature at the end (exponential anneal)", min=1e-6)
     allocator: str = _f("needs", "how the generation budget is split between classes: needs (per-class "
-                                 "validation loss), equal, reciprocal (1/n_c), worstk (mistake-driven)")
+                                 "validation loss), equal, reciprocal (1/n_c), worstk (mistake-driven), learned "
+                                 "(beyond the paper: p(s) the softmax of per-class logits, an upper level of W2 "
+                                 "learned on the validation set through the hypergradient of W2's validation loss)")
     worstk_k: int = _f(3, "worstk: how many of the worst classes (by validation accuracy) get images", min=1)
     worstk_fraction: float = _f(0.5, "worstk: generated images per epoch as a fraction of the class's real ones",
                                 min=0.0)
@@ -199,10 +218,13 @@ class TrainConfig:
                             min=0.0)
     mwn_lr: float = _f(1e-3, "loss=mwn: learning rate of the weighting network (Adam)", min=0.0)
     mwn_hidden: int = _f(100, "loss=mwn: hidden units of the weighting network", min=1)
-    posthoc: str = _f("none", "vanilla's cheap long-tail corrections: logit_adjust (post-hoc logit adjustment, Menon "
-                              "et al. 2021: the test logits minus posthoc_tau * log of the training class prior) or "
-                              "crt (classifier re-training, Kang et al. 2020: the encoder frozen, a fresh head trained "
-                              "crt_epochs epochs with class-balanced sampling, reported as 'after')",
+    posthoc: str = _f("none", "a cheap long-tail correction of the reported classifier (W2 in the generating modes, W1 "
+                              "otherwise), in any mode: logit_adjust (post-hoc logit adjustment, Menon et al. 2021: the "
+                              "test logits minus posthoc_tau * log of the class distribution that classifier trained on, "
+                              "real images plus the weights of generated ones) or crt (classifier re-training, Kang et "
+                              "al. 2020: its encoder frozen, a fresh A-shaped head trained crt_epochs epochs on the real "
+                              "training images with class-balanced sampling, reported as 'after'). needsgen compare "
+                              "starts such a variant from the finished run without it, rather than training it again",
                       choices=("none", "logit_adjust", "crt"))
     posthoc_tau: float = _f(1.0, "posthoc=logit_adjust: tau of the prior subtracted from the logits", min=0.0)
     crt_epochs: int = _f(10, "posthoc=crt: epochs of the head's re-training", min=1)
@@ -234,6 +256,11 @@ class RunConfig:
     tensorboard: bool = _f(False, "also write the epoch's losses, validation accuracies, Gumbel temperature and, per "
                                   "class, p(s), generated images and W1's validation accuracy as TensorBoard scalars "
                                   "in RUN_DIR/tensorboard (needs the tensorboard package)")
+    gan_cache: str | None = _f(None, "folder of pre-trained GANs shared between runs: a run whose GAN pre-training "
+                                     "another run already did with the same settings (the same data, models, GAN, "
+                                     "seed, mode and threads; whatever only acts after pre-training may differ) starts "
+                                     "from its result, and a run that pre-trains leaves its result there. needsgen "
+                                     "compare sets it to <comparison>/gan_cache. null: every run pre-trains its own")
     channels_last: bool = _f(False, "keep images, activations and convolution weights in channels-last (NHWC) "
                                     "memory: faster convolutions on GPUs with tensor cores, with bf16/fp16")
     compile: str = _f("none", "torch.compile the levels' networks with this backend: inductor (generates kernels; "

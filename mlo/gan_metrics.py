@@ -339,17 +339,32 @@ def train_classifier(make_classifier: Callable[[], nn.Module], images: torch.Ten
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels, device) -> float:
+    return float(np.mean(per_class_accuracy(model, images, labels, device)[1]))
+
+
+def per_class_accuracy(model: nn.Module, images: torch.Tensor, labels, device) -> tuple[dict[str, float], np.ndarray]:
+    """Accuracy per class (of the classes present, by index) and whether each image was right."""
     logits, y = predict(model, make_loader("sequential", images, labels, EMBED_BATCH, device=device))
-    return float((logits.argmax(1) == y).double().mean())
+    right, y = (logits.argmax(1) == y).numpy(), y.numpy()
+    return {str(int(c)): float(right[y == c].mean()) for c in np.unique(y)}, right
 
 
 def gan_train_test(make_classifier: Callable[[], nn.Module], real_train, real_test, generated, *,
-                   epochs: int, batch_size: int, lr: float, seed: int, device) -> dict[str, float]:
+                   epochs: int, batch_size: int, lr: float, seed: int, device, holdout=None) -> dict:
     """GAN-train: accuracy on real test images of a classifier trained on generated images (are
-    they diverse and class-faithful enough to learn from?). GAN-test: accuracy on generated images
-    of a classifier trained on real training images (does each look like its class?). Each set is
-    ``(uint8 images, labels)``; both classifiers come from ``make_classifier`` with the same seed."""
+    they diverse and class-faithful enough to learn from?), overall and per class. GAN-test: accuracy
+    on generated images of a classifier trained on real training images (does each look like its
+    class?). Each set is ``(uint8 images, labels)``; both classifiers come from ``make_classifier`` with
+    the same seed. ``holdout``: real images used neither for training nor as the test set, on which the
+    GAN-train classifier is scored too (``gan_train_holdout``: a score to choose a generator by)."""
     train = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
     on_generated = train_classifier(make_classifier, *generated, **train)
     on_real = train_classifier(make_classifier, *real_train, **train)
-    return {"gan_train": accuracy(on_generated, *real_test, device), "gan_test": accuracy(on_real, *generated, device)}
+    per_class, right = per_class_accuracy(on_generated, *real_test, device)
+    out = {"gan_train": float(right.mean()), "gan_train_per_class": per_class,
+           "gan_test": accuracy(on_real, *generated, device)}
+    if holdout is not None:
+        per_class, right = per_class_accuracy(on_generated, *holdout, device)
+        out.update(gan_train_holdout=float(right.mean()), gan_train_holdout_per_class=per_class,
+                   holdout_images=len(right))
+    return out

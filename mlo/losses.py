@@ -37,8 +37,13 @@ class ClassificationLoss(nn.Module):
     head: they implement ``update_statistics(features, target)``, which the level calls with the
     (real) training features of its previous own step before the next one, and their forward is
     also given the head's weight (C, D).
+
+    Losses with ``uses_counts = True`` correct for the class distribution of the training data; a
+    level whose data is not the real long-tailed set alone (W2: real plus generated images) gives
+    them ``class_counts=...``, its own distribution per epoch, in place of the real counts.
     """
     needs_features = False
+    uses_counts = False
 
 
 def class_balanced_weights(class_counts: torch.Tensor, beta: float) -> torch.Tensor:
@@ -79,12 +84,16 @@ class FocalLoss(ClassificationLoss):
 class ClassBalancedLoss(ClassificationLoss):
     """Cui et al.'s class-balanced softmax CE: CE of sample i times ``class_balanced_weights[y_i]``."""
 
+    uses_counts = True
+
     def __init__(self, class_counts, cb_beta: float = 0.9999):
         super().__init__()
+        self.beta = cb_beta
         self.register_buffer("weights", class_balanced_weights(class_counts, cb_beta), persistent=False)
 
-    def forward(self, logits, target, *, progress: float) -> torch.Tensor:
-        return self.weights[target] * F.cross_entropy(logits.float(), target, reduction="none")
+    def forward(self, logits, target, *, progress: float, class_counts=None) -> torch.Tensor:
+        weights = self.weights if class_counts is None else class_balanced_weights(class_counts, self.beta)
+        return weights[target] * F.cross_entropy(logits.float(), target, reduction="none")
 
 
 @register_loss("balanced_softmax")
@@ -92,13 +101,16 @@ class BalancedSoftmax(ClassificationLoss):
     """Ren et al.'s balanced softmax: CE of ``logits + τ · log(n_c / N)`` during training (logit
     adjustment; τ = 1 is balanced softmax). Predictions use the plain logits."""
 
+    uses_counts = True
+
     def __init__(self, class_counts, logit_adjust_tau: float = 1.0):
         super().__init__()
-        self.register_buffer("log_prior", logit_adjust_tau * torch.log(class_counts / class_counts.sum()),
-                             persistent=False)
+        self.tau = logit_adjust_tau
+        self.register_buffer("log_prior", self.tau * torch.log(class_counts / class_counts.sum()), persistent=False)
 
-    def forward(self, logits, target, *, progress: float) -> torch.Tensor:
-        return F.cross_entropy(logits.float() + self.log_prior, target, reduction="none")
+    def forward(self, logits, target, *, progress: float, class_counts=None) -> torch.Tensor:
+        log_prior = self.log_prior if class_counts is None else self.tau * torch.log(class_counts / class_counts.sum())
+        return F.cross_entropy(logits.float() + log_prior, target, reduction="none")
 
 
 @register_loss("ldam_drw")
@@ -118,16 +130,25 @@ class LDAMDRW(ClassificationLoss):
     def __init__(self, class_counts, ldam_margin: float = 0.5, ldam_scale: float = 30.0,
                  drw_start: float = 0.8, cb_beta: float = 0.9999):
         super().__init__()
-        margins = class_counts.pow(-0.25)
-        self.register_buffer("margins", margins * (ldam_margin / margins.max()), persistent=False)
+        self.largest_margin, self.beta = ldam_margin, cb_beta
+        self.register_buffer("margins", self.class_margins(class_counts), persistent=False)
         self.register_buffer("drw_weights", class_balanced_weights(class_counts, cb_beta), persistent=False)
         self.scale = ldam_scale
         self.drw_start = drw_start
 
-    def forward(self, logits, target, *, progress: float) -> torch.Tensor:
-        margin = F.one_hot(target, logits.shape[1]) * self.margins[target, None]
+    uses_counts = True
+
+    def class_margins(self, class_counts: torch.Tensor) -> torch.Tensor:
+        margins = class_counts.pow(-0.25)
+        return margins * (self.largest_margin / margins.max())
+
+    def forward(self, logits, target, *, progress: float, class_counts=None) -> torch.Tensor:
+        margins, drw = self.margins, self.drw_weights
+        if class_counts is not None:
+            margins, drw = self.class_margins(class_counts), class_balanced_weights(class_counts, self.beta)
+        margin = F.one_hot(target, logits.shape[1]) * margins[target, None]
         ce = F.cross_entropy(self.scale * (logits.float() - margin), target, reduction="none")
-        return self.drw_weights[target] * ce if progress >= self.drw_start else ce
+        return drw[target] * ce if progress >= self.drw_start else ce
 
 
 @register_loss("isda")

@@ -43,6 +43,9 @@ class Phase:
     epoch_length: int = 0                     # iterations per epoch (0: no epoch callback)
     setup: Callable[[], None] | None = None   # run when the phase starts, also when resuming inside it;
                                               # must be deterministic (a resumed run repeats it)
+    restore: Callable[[], bool] | None = None  # at the phase's start (not when resuming inside it): True when it
+                                              # put the levels where the phase would leave them (phase skipped)
+    on_end: Callable[[], None] | None = None  # once the phase's last iteration is done
 
 
 @contextmanager
@@ -142,6 +145,10 @@ class Trainer:
             while not self.done:
                 index, phase = self.phase_index, self.phases[self.phase_index]
                 bar.set_description(phase.name)
+                if self.iteration == 0 and phase.restore is not None and phase.restore():
+                    self.phase_index += 1
+                    bar.update(phase.iterations)
+                    continue
                 if phase.setup is not None:
                     phase.setup()
                 leaves = self.engine.leaves if phase.leaves is None else [getattr(self.engine, n) for n in phase.leaves]
@@ -196,6 +203,8 @@ class Trainer:
             bar.set_postfix(self.on_epoch_end(phase, self.iteration // phase.epoch_length), refresh=False)
             self.engine.train()
         if phase_end:
+            if phase.on_end is not None:
+                phase.on_end()
             self.phase_index, self.iteration = self.phase_index + 1, 0
         if checkpoint:
             self.on_checkpoint()

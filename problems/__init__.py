@@ -4,7 +4,8 @@ from problems.classifier import ClassifierProblem, RefinedClassifierProblem, Ret
 from problems.gan import DiscriminatorProblem, GeneratorProblem, TruncationProblem
 from problems.adversarial import AdversarialClassifierProblem, AdversarialGeneratorProblem
 from problems.meta import MetaProblem
+from problems.allocation import AllocationProblem
 
 __all__ = ["LevelProblem", "level_config", "ClassifierProblem", "RefinedClassifierProblem", "RetrainedHeadProblem",
            "DiscriminatorProblem", "GeneratorProblem", "TruncationProblem", "AdversarialClassifierProblem",
-           "AdversarialGeneratorProblem", "MetaProblem"]
+           "AdversarialGeneratorProblem", "MetaProblem", "AllocationProblem"]

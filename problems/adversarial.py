@@ -22,11 +22,10 @@ class AdversarialClassifierProblem(ClassifierProblem):
     ``y_m``, plus ``decov_weight`` times the DeCov penalty of C's features of the generated images."""
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 loss_fn: ClassificationLoss, total_steps: int, num_classes: int, gen_per_step: int,
+                 loss_fn: ClassificationLoss, total_steps: int, gen_per_step: int,
                  lambda_gen: float, decov_weight: float = 0.0, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn,
                          total_steps=total_steps, **kwargs)
-        self.num_classes = num_classes
         self.gen_per_step = gen_per_step
         self.lambda_gen = lambda_gen
         self.decov_weight = decov_weight
@@ -44,6 +43,9 @@ class AdversarialClassifierProblem(ClassifierProblem):
         with torch.no_grad():  # no level of this mode differentiates C's loss through G
             generated = self.gen.module(batch["z"], batch["y_gen"])
         n = batch["y"].shape[0]
+        self.record_trained_on(torch.cat([batch["y"], batch["y_gen"]]),
+                               torch.cat([torch.ones(n, device=generated.device),
+                                          torch.full_like(batch["y_gen"], self.lambda_gen, dtype=torch.float)]))
         losses, features = self.per_sample_loss(torch.cat([batch["x"], generated]),
                                                 torch.cat([batch["y"], batch["y_gen"]]), batch["progress"],
                                                 real=n, with_features=True)

@@ -6,8 +6,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from mlo.budget import (Allocator, ValidationMemory, keep_weights, logistic_noise, per_class_val_loss, sample_classes,
-                        temperature, uniform_noise)
+from mlo.budget import (Allocator, ValidationMemory, budget_weights, expected_keep, logistic_noise, per_class_val_loss,
+                        sample_classes, temperature, uniform_noise)
 from mlo.losses import ClassificationLoss, decov
 from mlo.models.gan.sampling import truncate
 from problems.base import LevelProblem, unwrap
@@ -23,10 +23,11 @@ class ClassifierProblem(LevelProblem):
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 loss_fn: ClassificationLoss, total_steps: int, sam_rho: float = 0.0, **kwargs):
+                 loss_fn: ClassificationLoss, total_steps: int, num_classes: int, sam_rho: float = 0.0, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
         self.loss_fn = loss_fn
         self.total_steps = total_steps
+        self.num_classes = num_classes
         self.pending_features = None  # (features, labels) of the last own step, not yet in the loss's statistics
         self.sam_rho = sam_rho
         if sam_rho > 0:  # Betty steps through custom_optimizer_step when a problem has one
@@ -61,22 +62,30 @@ class ClassifierProblem(LevelProblem):
         batch["progress"] = (self._count - 1) / max(1, self.total_steps)  # Betty counted this step already
         return batch
 
-    def per_sample_loss(self, x, y, progress: float, real: int, with_features: bool = False):
+    def per_sample_loss(self, x, y, progress: float, real: int, with_features: bool = False, class_counts=None):
         """Losses of images ``x`` against ``y`` (and, ``with_features``, their features before the
         head); the first ``real`` are training images, whose features a loss with statistics takes
-        in before the next own step (never from a hop)."""
+        in before the next own step (never from a hop). ``class_counts``: the class distribution of
+        this level's training data per epoch, for a loss that corrects for it (default: the real counts)."""
+        extra = {"class_counts": class_counts} if class_counts is not None and self.loss_fn.uses_counts else {}
         if not (self.loss_fn.needs_features or with_features):
-            return self.loss_fn(self(x), y, progress=progress)
+            return self.loss_fn(self(x), y, progress=progress, **extra)
         logits, features = self.module(x, self.shared_meta, with_features=True)
-        head = {}
         if self.loss_fn.needs_features:
             if self._own_step:
                 self.pending_features = (features[:real].detach(), y[:real])
-            head["head_weight"] = unwrap(self.module).head_weight(self.shared_meta)
-        losses = self.loss_fn(logits, y, progress=progress, **head)
+            extra["head_weight"] = unwrap(self.module).head_weight(self.shared_meta)
+        losses = self.loss_fn(logits, y, progress=progress, **extra)
         return (losses, features) if with_features else losses
 
+    def record_trained_on(self, y: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add the weight of each image of an own step to its class: the class distribution this level
+        trained on (the prior of post-hoc logit adjustment), summed over the run by the runner."""
+        weights = torch.ones_like(y, dtype=torch.float) if weights is None else weights.detach().float()
+        self.record("trained_on", torch.zeros(self.num_classes, device=y.device).index_add_(0, y, weights))
+
     def training_step(self, batch):
+        self.record_trained_on(batch["y"])
         loss = self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"])).mean()
         auxiliary = getattr(unwrap(self.module).encoder, "auxiliary_loss", None)  # a searched network's (DARTS)
         return loss if auxiliary is None else loss + auxiliary(batch["y"])
@@ -99,23 +108,27 @@ class RefinedClassifierProblem(ClassifierProblem):
     and the rest of the set as W1 last scored it (``ValidationMemory``, updated after each own step,
     before the next); o_m, δ_m and the Gumbel noise are drawn in ``prepare_batch``. The latents are
     truncated at the τ of a ``trunc`` level (learned) or at ``truncation`` (fixed), if either is given;
-    ``keep_form`` is the form of b_m (``mlo.budget.keep_weights``); ``decov_weight`` adds the DeCov penalty of
-    W2's features of the generated images.
+    ``keep_form`` is the form of b_m (``mlo.budget.keep_weights``) and ``budget`` whether b_m is divided by
+    its expectation (``counted``: class c weighs M p_c, the paper's count) or not (``squared``: M p_c²)
+    (``mlo.budget.budget_weights``); ``decov_weight`` adds the DeCov penalty of W2's features of the
+    generated images.
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
                  loss_fn: ClassificationLoss, allocator: Allocator, train_counts, gen_per_step: int,
-                 lambda_gen: float, temperatures: tuple[float, float], total_steps: int,
-                 truncation: float | None = None, decov_weight: float = 0.0, keep_form: str = "relaxed", **kwargs):
+                 gen_per_epoch: int, lambda_gen: float, temperatures: tuple[float, float], total_steps: int,
+                 truncation: float | None = None, decov_weight: float = 0.0, keep_form: str = "relaxed",
+                 budget: str = "counted", **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn,
                          total_steps=total_steps, **kwargs)
         self.allocator = allocator
         self.keep_form = keep_form
+        self.budget = budget
         self.val_memory = None   # ValidationMemory of W1's losses, set in initialize
         self.pending_val = None  # (indices, losses, correct) of the last own step, not yet in the memory
         self.train_counts = torch.as_tensor(train_counts, dtype=torch.float)
-        self.num_classes = len(train_counts)
         self.gen_per_step = gen_per_step
+        self.gen_per_epoch = gen_per_epoch
         self.lambda_gen = lambda_gen
         self.temperatures = temperatures
         self.truncation = truncation
@@ -169,7 +182,7 @@ class RefinedClassifierProblem(ClassifierProblem):
         """Classes ``o_m ~ p(s)``, keep-weights ``b_m`` and images ``G(o_m, δ_m)`` for the batch's noise."""
         p, stats = self.allocation(batch["x_val"], batch["y_val"], batch["idx_val"])
         classes = sample_classes(p, batch["class_uniforms"])
-        keep = keep_weights(p[classes], batch["logistic"], batch["temperature"], self.keep_form)
+        keep = budget_weights(p, classes, batch["logistic"], batch["temperature"], self.keep_form, self.budget)
         return self.gen.module(self.latents(batch["z"]), classes), classes, keep, p, stats
 
     def training_step(self, batch):
@@ -178,16 +191,25 @@ class RefinedClassifierProblem(ClassifierProblem):
             generated, classes, keep, p, stats = self.generate(batch)
         n = batch["y"].shape[0]
         losses, features = self.per_sample_loss(torch.cat([batch["x"], generated]), torch.cat([batch["y"], classes]),
-                                                batch["progress"], real=n, with_features=True)
+                                                batch["progress"], real=n, with_features=True,
+                                                class_counts=self.class_counts(p, batch["temperature"]))
         real_loss = losses[:n].mean()
         gen_loss = (keep * losses[n:]).mean()
         self.record("generated", F.one_hot(classes, self.num_classes).float().mul(keep[:, None]).sum(0))
+        self.record_trained_on(torch.cat([batch["y"], classes]),
+                               torch.cat([torch.ones(n, device=keep.device), self.lambda_gen * keep]))
         self.record("allocation", p)
         self.record("val_loss", stats.val_loss)
         loss = real_loss + self.lambda_gen * gen_loss
         if self.decov_weight:
             loss = loss + self.decov_weight * decov(features[n:])
         return loss
+
+    def class_counts(self, p: torch.Tensor, temperature) -> torch.Tensor:
+        """W2's class distribution per epoch, in images: the real counts plus λ times the generated weight
+        each class gets in expectation from ``p`` (M p_c counted, about M p_c² squared); no gradient."""
+        share = p.detach() if self.budget == "counted" else p.detach() * expected_keep(p, temperature, self.keep_form)
+        return self.train_counts + self.lambda_gen * self.gen_per_epoch * share
 
     def level_state(self):
         return {**super().level_state(), "val_memory": self.val_memory.state_dict()}  # the same in every process
@@ -220,4 +242,5 @@ class RetrainedHeadProblem(ClassifierProblem):
         return head(features)
 
     def training_step(self, batch):
+        self.record_trained_on(batch["y"])
         return F.cross_entropy(self(batch["x"]), batch["y"])

@@ -1,6 +1,7 @@
 """A, the shared meta-parameters, learned on the balanced validation set."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from problems.base import LevelProblem
@@ -8,7 +9,8 @@ from problems.base import LevelProblem
 
 class MetaProblem(LevelProblem):
     """``min_A L_cls(W2', A, D_val) + γ · L_cls(W1', A, D_val)``; without a W2 (``vanilla_meta``),
-    ``γ · L_cls(W1', A, D_val)``."""
+    ``γ · L_cls(W1', A, D_val)``. With a second loader (``train.meta_data=val_and_train``, an extension) each
+    validation batch is joined by a class-balanced batch of training images."""
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
                  gamma: float, **kwargs):
@@ -19,6 +21,12 @@ class MetaProblem(LevelProblem):
         # A's only buffers are a neck-form A's per-stream BN statistics; each stream belongs to the
         # level that reads features through it, so validation batches seen here leave them alone.
         return []
+
+    def prepare_batch(self, data):
+        if isinstance(data[0], (tuple, list)):  # (validation batch, class-balanced training batch)
+            (x_val, y_val), (x_train, y_train) = data
+            return {"x": torch.cat([x_val, x_train]), "y": torch.cat([y_val, y_train])}
+        return super().prepare_batch(data)
 
     def training_step(self, batch):
         x, y = batch["x"], batch["y"]

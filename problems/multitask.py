@@ -20,7 +20,9 @@ class MultiTaskGeneratorProblem(GeneratorProblem):
         return {**super().prepare_batch(None), "for_w2": self.w2.generation_noise(self.noise, x_val, y_val, idx_val)}
 
     def training_step(self, batch):
-        images, classes, keep, _, _ = self.w2.generate(batch["for_w2"])
+        images, classes, keep, p, _ = self.w2.generate(batch["for_w2"])
         progress = self.w2.count / max(1, self.w2.total_steps)
-        classifier_loss = (keep * self.w2.per_sample_loss(images, classes, progress, real=0)).mean()
+        losses = self.w2.per_sample_loss(images, classes, progress, real=0,
+                                         class_counts=self.w2.class_counts(p, batch["for_w2"]["temperature"]))
+        classifier_loss = (keep * losses).mean()
         return super().training_step(batch) + self.classifier_weight * classifier_loss

@@ -17,7 +17,9 @@ class MetaWeightedClassifierProblem(ClassifierProblem):
     def training_step(self, batch):
         losses = self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"]))
         weights = self.mwn.module(losses.detach())
-        return (weights * losses).sum() / weights.sum().clamp(min=1e-8)
+        share = weights / weights.sum().clamp(min=1e-8)
+        self.record_trained_on(batch["y"], share * len(share))
+        return (share * losses).sum()
 
 
 class WeightingNetProblem(LevelProblem):

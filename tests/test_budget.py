@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
-from mlo.budget import (ClassStats, create_allocator, keep_weights, logistic_noise, per_class_val_loss,
-                        sample_classes, temperature, uniform_noise)
+from mlo.budget import (ClassStats, budget_weights, create_allocator, expected_keep, keep_weights, logistic_noise,
+                        per_class_val_loss, sample_classes, temperature, uniform_noise)
 from mlo.data.loaders import to_float
 from tests.conftest import build_run
 
@@ -160,3 +160,63 @@ def test_w2_loss_reaches_w1_a_and_g():
         params = run.levels[name].trainable_parameters()
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+@pytest.mark.parametrize("t", [1.0, 0.3, 0.1])
+def test_expected_keep_matches_monte_carlo_and_the_closed_form_at_t1(t):
+    g = torch.Generator().manual_seed(3)
+    n = 200_000
+    p = torch.tensor([0.02, 0.1, 0.3, 0.7])
+    expected = expected_keep(p, t)
+    for i, p_o in enumerate(p):
+        b = keep_weights(torch.full((n,), float(p_o)), logistic_noise((n,), g, "cpu"), t)
+        assert abs(b.mean() - expected[i]) < 4 * b.std() / np.sqrt(n), (t, float(p_o))
+    if t == 1.0:  # E[σ(logit p + L)] = r/(r−1) · (1 − ln r/(r−1)), r = p/(1−p)
+        r = p.double() / (1 - p.double())
+        assert torch.allclose(expected.double(), r / (r - 1) * (1 - torch.log(r) / (r - 1)), rtol=1e-4)
+    assert torch.equal(expected_keep(p, t, "straight_through"), p)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.3, 0.1])
+def test_the_counted_budget_gives_class_c_m_p_c_and_the_squared_one_m_p_c_times_its_keep_rate(t):
+    """Σ b per class over M draws: M p_c with the counted budget (the paper's Table 3, sequential's count)
+    at any temperature; M p_c E[b | p_c] with the squared one (M p_c² as T → 0)."""
+    g = torch.Generator().manual_seed(4)
+    m = 100_000
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    classes = sample_classes(p, uniform_noise((m, 4), g, "cpu"))
+    noise = logistic_noise((m,), g, "cpu")
+    for budget, target in (("counted", m * p), ("squared", m * p * expected_keep(p, t))):
+        w = budget_weights(p, classes, noise, t, budget=budget)
+        for c in range(4):
+            per_draw = torch.where(classes == c, w, torch.zeros_like(w))  # class c's weight of each draw
+            sd = per_draw.std() * np.sqrt(m)
+            assert abs(per_draw.sum() - target[c]) < 4 * sd, (budget, t, c, float(per_draw.sum()), float(target[c]))
+    if t == 0.1:
+        squared = budget_weights(p, classes, noise, t, budget="squared")
+        total = squared.sum() / m
+        assert abs(total - (p ** 2).sum()) < 0.02  # all generated images together: about M Σ p²
+
+
+def test_the_counted_budget_keeps_the_relaxed_gradient_class_by_class():
+    """The counted weights differ from b_m by a positive constant per class (1/E[b | p_c], no gradient),
+    so their gradient to p is the relaxed one's, class by class, divided by that constant."""
+    g = torch.Generator().manual_seed(5)
+    m = 512
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], requires_grad=True)
+    classes = sample_classes(p, uniform_noise((m, 4), g, "cpu"))
+    noise, losses = logistic_noise((m,), g, "cpu"), torch.rand(m, generator=g)
+    (relaxed,) = torch.autograd.grad((budget_weights(p, classes, noise, 0.5, budget="squared") * losses).sum(), p)
+    (counted,) = torch.autograd.grad((budget_weights(p, classes, noise, 0.5, budget="counted") * losses).sum(), p)
+    assert torch.allclose(counted, relaxed / expected_keep(p, 0.5), rtol=1e-5)
+    assert (torch.sign(counted) == torch.sign(relaxed)).all() and relaxed.abs().min() > 0
+
+
+def test_end2end_weighs_generated_classes_by_the_counted_budget_by_default():
+    run = build_run("train.mode=end2end")
+    w2 = run.levels["w2"]
+    assert w2.budget == "counted" and build_run("train.gen_budget=squared").levels["w2"].budget == "squared"
+    run.engine.train()
+    batch = w2.get_batch()
+    _, classes, keep, p, _ = w2.generate(batch)
+    assert torch.allclose(keep, budget_weights(p, classes, batch["logistic"], batch["temperature"]))

@@ -73,7 +73,8 @@ def test_rerun_reuses_finished_runs(comparison, capsys, monkeypatch):
     (["--modes", "vanilla", "seed=3"], "run.seed is set per run by compare"),
     # every variant is checked before the first run trains
     (["--modes", "vanilla,end2end:allocator=foo"], "variant 'end2end:allocator=foo': train.allocator: unknown value"),
-    (["--modes", "vanilla,sequential:posthoc=crt"], "variant 'sequential:posthoc=crt': train.posthoc=crt"),
+    (["--modes", "vanilla,sequential:gen_budget=squared"], "variant 'sequential:gen_budget=squared': train.gen_budget"),
+    (["--modes", "vanilla", "posthoc=crt"], "give a post-hoc correction per variant (--modes end2end:posthoc=crt)"),
     ([], "give --modes (the variants to train) or --genotypes-of SEARCH_DIR"),
     (["--genotypes-of", "nowhere"], "--genotypes-of: 'nowhere' has no compare.csv"),
 ])

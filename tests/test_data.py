@@ -39,6 +39,14 @@ def test_split_is_balanced_disjoint_and_long_tailed():
     assert not np.array_equal(split.val, other.val)
 
 
+def test_the_held_out_images_are_the_pool_left_by_the_cut_at_most_300_a_class():
+    labels = np.repeat(np.arange(3), 400)
+    split = longtail_split(labels, 3, imbalance_factor=4, val_per_class=10, seed=1, n_max=200)
+    assert not set(split.holdout) & (set(split.train) | set(split.val))
+    per_class = np.bincount(labels[split.holdout], minlength=3)
+    assert per_class.tolist() == [min(300, 390 - n) for n in split.counts]  # 390 in each pool after validation
+
+
 def test_split_errors_name_the_field():
     labels = np.repeat(np.arange(3), 10)
     with pytest.raises(DataError, match="data.val_per_class"):

@@ -242,7 +242,15 @@ def test_gan_train_and_gan_test():
     swapped = (striped_images((labels + 1) % 3, rng), labels)       # every image shows the wrong class
     good = gan_train_test(make, real_train, real_test, faithful, **train)
     bad = gan_train_test(make, real_train, real_test, swapped, **train)
-    assert all(0.0 <= v <= 1.0 for v in (*good.values(), *bad.values()))
+    for result in (good, bad):
+        assert all(0.0 <= result[k] <= 1.0 for k in ("gan_train", "gan_test"))
+        assert set(result["gan_train_per_class"]) == {"0", "1", "2"}
+        assert np.isclose(np.mean(list(result["gan_train_per_class"].values())), result["gan_train"])  # 16 a class
     assert good["gan_train"] > 0.9 and good["gan_test"] > 0.9
     assert bad["gan_train"] < 0.1 and bad["gan_test"] < 0.1
     assert gan_train_test(make, real_train, real_test, faithful, **train) == good  # seeded
+    # held-out real images (not the test set) score the same classifier: a selection that leaves the test alone
+    held = gan_train_test(make, real_train, real_test, faithful, **train,
+                          holdout=(striped_images(labels[:24], rng), labels[:24]))
+    assert held["holdout_images"] == 24 and held["gan_train_holdout"] > 0.9
+    assert set(held["gan_train_holdout_per_class"]) == {"0", "1"}  # labels[:24]: classes 0 and 1

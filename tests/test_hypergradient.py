@@ -298,6 +298,25 @@ def test_meta_weight_net_hypergradient_matches_exact_reference():
     assert len(reports) == 3 and all(total >= 0.9999 and hyper >= 0.9999 for total, hyper in reports), reports
 
 
+@pytest.mark.parametrize("hops", ["exact", "darts"])
+def test_learned_allocation_gets_the_hypergradient_through_w2_and_moves_p(hops):
+    """train.allocator=learned: p(s) = softmax(logits), an upper level of W2 whose loss does not read the
+    logits (no direct gradient), so their whole gradient is the hop through W2's step, against the exact one."""
+    smooth = SMOOTH if hops == "darts" else ()
+    run = build_run(*smooth, "train.allocator=learned", "train.meta_every=2", f"train.hypergradient={hops}",
+                    "train.lr=0.05", "train.alloc_lr=0.05")
+    alloc, w2 = run.levels["alloc"], run.levels["w2"]
+    assert run.mode.u2l["alloc"] == ("w2",) and "alloc" in run.mode.l2u["w2"]
+    assert [[p.name for p in path] for path in alloc.paths] == [["alloc", "w2", "alloc"]]
+    assert torch.allclose(w2.allocator(None), torch.full((run.data.num_classes,), 1 / run.data.num_classes))
+    reports = run_and_compare(run, iterations=6, level="alloc")
+    assert len(reports) == 3 and all(total >= 0.99 for total, _ in reports), reports
+    grads = path_gradients(alloc, kind="exact")
+    assert set(grads) == {"direct", "alloc>w2>alloc"} and grads["direct"][0].abs().max() == 0
+    p = w2.allocator(None)
+    assert not torch.allclose(p, torch.full_like(p, 1 / len(p))) and torch.isclose(p.sum(), torch.tensor(1.0))
+
+
 def test_every_hop_type_the_config_offers_exists():
     import dataclasses
 
@@ -305,3 +324,19 @@ def test_every_hop_type_the_config_offers_exists():
     from mlo.hypergradient import HOPS
     field = {f.name: f for f in dataclasses.fields(TrainConfig)}["hypergradient"]
     assert set(field.metadata["choices"]) == set(HOPS)
+
+
+def test_a_with_weight_decay_and_class_balanced_training_batches_keeps_its_exact_hypergradient():
+    """The extensions against A over-fitting the validation set: Adam's weight decay on A, and A's objective
+    over each validation batch joined by as many class-balanced training images."""
+    run = build_run("train.meta_weight_decay=0.01", "train.meta_data=val_and_train", "train.meta_every=2")
+    meta = run.levels["meta"]
+    assert meta.optimizer.param_groups[0]["weight_decay"] == 0.01
+    run.engine.train()
+    batch = meta.get_batch()
+    n = run.cfg.data.val_batch_size
+    assert len(batch["y"]) == 2 * n
+    val, train = torch.bincount(batch["y"][:n]), torch.bincount(batch["y"][n:], minlength=run.data.num_classes)
+    assert (val == val[0]).all() and (train > 0).sum() >= run.data.num_classes - 2  # balanced, all classes drawn
+    reports = run_and_compare(build_run("train.meta_data=val_and_train", "train.meta_every=2"), iterations=4)
+    assert len(reports) == 2 and all(total >= 0.99 and hyper >= 0.99 for total, hyper in reports), reports

@@ -1,6 +1,8 @@
 """Every mode builds the levels, edges, allocator and phases it claims, on tiny data."""
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,8 @@ from scipy import stats
 from experiments.modes import MODES
 from experiments.phases import pregenerate
 from mlo.budget import ClassStats, WorstKAllocator, create_allocator
+from mlo.data.loaders import make_loader
+from mlo.metrics import predict
 from mlo.trainer import Phase, Trainer
 from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem, GeneratorProblem,
                       RefinedClassifierProblem)
@@ -214,16 +218,18 @@ def test_logit_adjustment_subtracts_tau_log_prior_from_the_evaluated_logits():
     assert torch.allclose(b, a - 0.5 * prior.log(), atol=1e-5)
 
 
-def test_crt_retrains_a_fresh_head_on_the_frozen_encoder_with_class_balanced_batches():
-    run = build_run("train.mode=vanilla", "train.posthoc=crt", "train.crt_epochs=2", "train.epochs=2")
-    w1, crt = run.levels["w1"], run.levels["w2"]
-    assert [p.name for p in run.trainer.phases] == ["W1", "cRT"]
-    assert crt.module.encoder is w1.module.encoder and crt.module.meta is not w1.module.meta
+@pytest.mark.parametrize("mode,retrained", [("vanilla", "w1"), ("end2end", "w2"), ("sequential", "w2")])
+def test_crt_retrains_a_fresh_head_on_the_reported_encoder_with_class_balanced_batches(mode, retrained):
+    run = build_run(f"train.mode={mode}", "train.posthoc=crt", "train.crt_epochs=2", "train.epochs=2")
+    base, crt = run.levels[retrained], run.levels["crt"]
+    assert run.mode.reported == "crt" and run.trainer.phases[-1].name == "cRT"
+    assert crt.module.encoder is base.module.encoder and crt.module.meta is not base.module.meta
     assert {id(p) for p in crt.trainable_parameters()} == {id(p) for p in crt.module.meta.parameters()}
-    Trainer(run.engine, run.trainer.phases[:1], progress=False).run()
-    encoder = {k: v.clone() for k, v in w1.module.encoder.state_dict().items()}
-    Trainer(run.engine, run.trainer.phases[1:], progress=False).run()
-    assert all(torch.equal(v, w1.module.encoder.state_dict()[k]) for k, v in encoder.items())  # weights and BN stats
+    Trainer(run.engine, run.trainer.phases[:-1], progress=False).run()
+    assert adam_steps(crt) == 0  # not stepped while the others train
+    encoder = {k: v.clone() for k, v in base.module.encoder.state_dict().items()}
+    Trainer(run.engine, run.trainer.phases[-1:], progress=False).run()
+    assert all(torch.equal(v, base.module.encoder.state_dict()[k]) for k, v in encoder.items())  # weights and BN stats
     assert adam_steps(crt) == 2 * run.ctx.steps_per_epoch
     labels = torch.as_tensor(run.data.train_labels)[torch.cat(crt.train_data_loader[0].batch_indices(0))]
     counts = torch.bincount(labels, minlength=run.data.num_classes).float()
@@ -231,10 +237,40 @@ def test_crt_retrains_a_fresh_head_on_the_frozen_encoder_with_class_balanced_bat
     assert counts.std() / counts.mean() < 0.25 < train.std() / train.mean()  # balanced batches of a long tail
 
 
+def test_logit_adjustment_of_w2_uses_the_classes_it_trained_on_real_and_generated(tmp_path):
+    """In a generating mode the prior is W2's own training distribution: the real images of its batches
+    and the generated ones at their weight λ b_m (allocation_log.csv), summed over the run; the reported
+    classifier alone is adjusted."""
+    run = build_run("train.mode=end2end", "train.posthoc=logit_adjust", "train.epochs=2", "train.lambda_gen=0.5")
+    run.run_dir = tmp_path
+    run.trainer.run()
+    labels, loader = torch.as_tensor(run.data.train_labels), run.levels["w2"].train_data_loader[0]
+    real = sum(torch.bincount(labels[torch.cat(loader.batch_indices(e))], minlength=run.data.num_classes)
+               for e in range(2)).float()
+    generated = torch.zeros(run.data.num_classes)
+    for row in csv.DictReader((tmp_path / "allocation_log.csv").open()):
+        generated[int(row["class"])] += float(row["generated"])
+    expected = real + 0.5 * generated
+    assert torch.allclose(run.class_prior("w2"), expected / expected.sum(), atol=1e-3)
+    assert not torch.allclose(run.class_prior("w2"), run.class_prior("w1"), atol=1e-2)
+    data = run.data
+    run.engine.eval()
+    for name, adjusted in (("w2", True), ("w1", False)):
+        batches = make_loader("sequential", data.test_images, data.test_labels, 500, device=run.device)
+        raw = predict(run.levels[name], batches)[0]
+        shift = run.class_prior(name).log() if adjusted else 0.0
+        adjusted = run.predict(run.levels[name], data.test_images, data.test_labels)[0]
+        assert torch.allclose(adjusted, raw - shift, atol=1e-5)
+
+
 @pytest.mark.parametrize("overrides,message", [
-    (("train.mode=end2end", "train.posthoc=crt"), "applies to train.mode=vanilla"),
     (("train.mode=vanilla", "train.posthoc_tau=2"), "applies to train.posthoc=logit_adjust only"),
-    (("train.mode=vanilla", "train.keep_weights=straight_through"), "generates none"),
+    (("train.mode=vanilla", "train.keep_weights=straight_through"), "weighs the images W2 draws as it trains"),
+    (("train.mode=sequential", "train.gen_budget=squared"), "sequential trains on M p_c images generated once"),
+    (("train.mode=sequential", "train.allocator=learned"), "train.allocator=learned learns p.s. through W2"),
+    (("train.mode=end2end", "train.alloc_lr=0.1"), "applies to train.allocator=learned only"),
+    (("train.mode=vanilla", "train.meta_weight_decay=0.1"), "this run has no meta level"),
+    (("train.mode=sequential", "train.meta_data=val_and_train"), "this run has no meta level"),
 ])
 def test_options_that_would_do_nothing_are_refused(overrides, message):
     from mlo.errors import ConfigError

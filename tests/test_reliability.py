@@ -253,17 +253,25 @@ def test_checkpoint_of_another_format_is_refused_by_name(short_run, capsys):
     torch.save({**state, "format": 99}, short_run / "checkpoint.pt")
     assert main(["run", "--resume", str(short_run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "written by another version of needsgen (format 99, this one reads 2)" in err
+    assert "written by another version of needsgen (format 99, this one reads 3" in err
 
 
-def test_checkpoint_of_format_1_resumes_where_encoders_are_untied(short_run, capsys):
-    """Format 1 (before the format number) lacks only what tied encoders borrow; an untied run reads it."""
+@pytest.mark.parametrize("written", [1, 2])
+def test_checkpoint_of_an_earlier_format_evaluates_but_is_not_trained_on(short_run, capsys, written):
+    """Formats 1 (before the format number: without what tied encoders borrow) and 2 (W2 weighed its generated
+    images by the squared budget, then unnamed) still evaluate where encoders are untied; resuming one is refused."""
     state = torch.load(short_run / "checkpoint.pt", weights_only=True)
-    del state["format"]
-    for level in state["levels"].values():
-        del level["lent"]
+    del state["trained_on"]
+    if written == 1:
+        del state["format"]
+        for level in state["levels"].values():
+            del level["lent"]
+    else:
+        state["format"] = 2
     torch.save(state, short_run / "checkpoint.pt")
     assert main(["eval", str(short_run)]) == 0
+    assert main(["run", "--resume", str(short_run)]) == 2
+    assert f"(format {written}, this one reads 3 to train on)" in capsys.readouterr().err
 
 
 def test_resume_of_a_finished_run_is_refused(short_run, capsys):

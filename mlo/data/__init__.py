@@ -28,6 +28,8 @@ class LongTailData(ClassesAndShape):
     test_labels: np.ndarray
     classes: list[str]
     train_counts: list[int]
+    holdout_images: ImageSet | None = None  # pool images the long-tail cut left out (up to 300 a class): for
+    holdout_labels: np.ndarray | None = None  # choices that must not look at the test set; None where none are left
 
 
 def build_longtail(data_cfg) -> LongTailData:
@@ -44,4 +46,6 @@ def build_longtail(data_cfg) -> LongTailData:
         val_images=source.train_images[split.val], val_labels=source.train_labels[split.val],
         test_images=source.test_images, test_labels=source.test_labels,
         classes=source.classes, train_counts=counts,
+        **({"holdout_images": source.train_images[split.holdout], "holdout_labels": source.train_labels[split.holdout]}
+           if len(split.holdout) else {}),
     )

@@ -6,7 +6,7 @@ balanced training pool *before* the cut, so they never overlap the training subs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from mlo.errors import DataError
 
 MANY_SHOT, FEW_SHOT = 100, 20  # Many: > 100 training images, Few: < 20, Medium: in between
 SHOT_RULE = "Many: >100 training images, Medium: 20-100, Few: <20"
+HOLDOUT_PER_CLASS = 300  # at most, of the pool's images left after the long-tail cut
 
 
 def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -30,10 +31,12 @@ def class_rng(seed: int, c: int) -> np.random.Generator:
 
 @dataclass
 class Split:
-    """Indices into the source's training array."""
+    """Indices into the source's training array; ``holdout``: images of the pool that neither the training
+    set nor the validation set uses (a selection set that is not the test set), per class in a seeded order."""
     train: np.ndarray
     val: np.ndarray
     counts: list[int]
+    holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 def longtail_split(labels: np.ndarray, num_classes: int, imbalance_factor: float,
@@ -65,7 +68,8 @@ def longtail_split(labels: np.ndarray, num_classes: int, imbalance_factor: float
                         f"(n_max={n_max}, data.imbalance_factor={imbalance_factor:g}); "
                         f"lower data.imbalance_factor or raise data.n_max")
     train = np.concatenate([p[:n] for p, n in zip(pools, counts)])
-    return Split(train=np.sort(train), val=np.sort(np.concatenate(val)), counts=counts)
+    holdout = np.concatenate([p[n:n + HOLDOUT_PER_CLASS] for p, n in zip(pools, counts)])
+    return Split(train=np.sort(train), val=np.sort(np.concatenate(val)), counts=counts, holdout=np.sort(holdout))
 
 
 def balanced_holdout(labels: np.ndarray, num_classes: int, per_class: int, seed: int,
