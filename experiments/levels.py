@@ -14,12 +14,12 @@ import torch.nn as nn
 from mlo.budget import Allocator, create_allocator
 from mlo.config import Config, GANConfig
 from mlo.data import LongTailData
-from mlo.data.loaders import derive_seed, make_loader
+from mlo.data.loaders import make_loader, stream_seed
 from mlo.distributed import Processes
 from mlo.errors import ConfigError
 from mlo.losses import ClassificationLoss, create_loss
 from mlo.models import Classifier, create_head, create_meta, create_model, has_batch_norm
-from mlo.models.heads import WeightingNet
+from mlo.models.heads import TiedEncoder, WeightingNet
 from mlo.models.encoders import load_encoder_weights
 from mlo.models.gan import GAN
 from mlo.models.gan.diffaugment import parse_policy
@@ -37,15 +37,6 @@ from experiments.modes import Mode
 STREAMS = ("w1", "w2", "disc")  # networks that read A (a neck-form A keeps BN statistics per stream)
 ARCH_DISCRIMINATORS = ("biggan", "acgan", "wacgan_gp")  # discriminators whose body can be a supernet
 
-# Random streams of a run by name; the number is the stream's key in the run's seed (never change one:
-# the runs made before would not be reproduced).
-SEED_KEYS = {"w1 batches": 1, "w2 batches": 2, "w2 validation batches": 3, "disc batches": 4,
-             "meta validation batches": 5, "sequential generated batches": 6, "mtl validation batches": 7,
-             "mwn validation batches": 8, "crt batches": 9, "meta training batches": 10,
-             "alloc validation batches": 11, "sequential generation": 77, "sequential generated order": 78,
-             "samples": 99}
-
-
 @dataclass
 class BuildContext:
     cfg: Config
@@ -54,6 +45,7 @@ class BuildContext:
     device: torch.device
     processes: Processes = Processes()  # under torchrun, each process trains on its share of every batch
     levels: dict = field(default_factory=dict)  # the problems built so far, by name (build_levels fills it)
+    streams: dict = field(default_factory=dict)  # the random streams asked for (seed), by name
 
     # ----- sizes -------------------------------------------------------------------------------
     @property
@@ -69,8 +61,10 @@ class BuildContext:
         return self.cfg.train.epochs * self.steps_per_epoch
 
     def seed(self, stream: str) -> int:
-        """The seed of the named random stream (``SEED_KEYS``) of this run."""
-        return derive_seed(self.cfg.run.seed, SEED_KEYS[stream])
+        """The seed of the random stream named ``stream`` (any name: "w1 batches", "my level's noise"), derived
+        from the run's seed and the name; every stream asked for is listed in the run's seeds.json."""
+        self.streams[stream] = stream_seed(self.cfg.run.seed, stream)
+        return self.streams[stream]
 
     @cached_property
     def allocator(self) -> Allocator:
@@ -121,8 +115,15 @@ class BuildContext:
 
     @cached_property
     def w1_encoder(self) -> nn.Module:
-        """W1's encoder; with tied encoders also W2's and H's."""
+        """W1's encoder; with tied encoders the one W1, W2 and H share (W1 steps it)."""
         return self.encoder()
+
+    def tied_encoder(self, stream: str) -> nn.Module:
+        """The encoder of ``stream`` when encoders are tied: the shared one; with A as the shared head, followed
+        by a layer of the network's own (``TiedEncoder``), so that W1, W2 and H stay distinct networks."""
+        if self.meta_form != "head":
+            return self.w1_encoder  # a neck- or arch-form A leaves each network a class head of its own
+        return TiedEncoder(self.w1_encoder, self.cfg.model.meta_activation)
 
     @property
     def feature_dim(self) -> int:
@@ -174,14 +175,15 @@ class BuildContext:
         if standalone:
             encoder, meta = self.encoder(), self.create_meta((stream,))
         else:
-            encoder = self.w1_encoder if (self.cfg.model.encoders_tied or stream == "w1") else self.encoder()
+            tied = self.cfg.model.encoders_tied
+            encoder = self.tied_encoder(stream) if tied else self.w1_encoder if stream == "w1" else self.encoder()
             meta = self.own_meta(stream)
         return Classifier(encoder, stream, meta=meta, own_head=self.own_head())
 
     @cached_property
     def gan(self) -> GAN:
         g = self.cfg.gan
-        body = self.w1_encoder if self.cfg.model.encoders_tied else None
+        body = self.tied_encoder("disc") if self.cfg.model.encoders_tied else None
         if self.meta_form == "arch":
             if g.generator not in ARCH_DISCRIMINATORS:
                 raise ConfigError(f"model.meta=arch: H reads A through a supernet of its own, which gan.generator="
@@ -373,9 +375,11 @@ def build_meta(ctx: BuildContext) -> MetaProblem:
     loaders = [ctx.val_loader("meta validation batches")]
     if t.meta_data == "val_and_train":  # as many class-balanced training images as validation images per batch
         loaders.append(ctx.class_balanced_batches("meta training batches", ctx.cfg.data.val_batch_size))
-    return MetaProblem("meta", ctx.level_config("meta", retain_graph=True), module, optimizer,
+    meta = MetaProblem("meta", ctx.level_config("meta", retain_graph=True), module, optimizer,
                        train_data_loader=tuple(loaders) if len(loaders) > 1 else loaders[0], gamma=t.gamma,
                        **ctx.common("meta"))
+    meta.chunk_size = t.meta_chunk
+    return meta
 
 
 def build_alloc(ctx: BuildContext) -> AllocationProblem:

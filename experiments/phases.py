@@ -24,7 +24,8 @@ def build_phases(run) -> list[Phase]:
     # a re-trained head (cRT) steps in its own phase, after the others
     training_leaves = [p.name for p in run.engine.leaves if p.name != "crt"] if "crt" in mode.levels else None
     make = {
-        "gan_pretrain": lambda: Phase("GAN pre-training", pretrain, leaves=["disc"], unroll={"disc": 1}) if pretrain else None,
+        "gan_pretrain": lambda: Phase("GAN pre-training", pretrain, leaves=["disc"], unroll={"disc": 1},
+                                      on_end=lambda: drop_lent_gradients(run)) if pretrain else None,
         "gan": lambda: Phase("GAN", total, leaves=["disc"]),
         "joint": lambda: Phase(mode.name, total, leaves=training_leaves, epoch_length=epoch),
         "w1": lambda: Phase("W1", total, leaves=["w1"], epoch_length=epoch),
@@ -33,6 +34,13 @@ def build_phases(run) -> list[Phase]:
         "mlo_frozen_gan": lambda: Phase("W1, W2, A (GAN frozen)", total, leaves=["w1"], epoch_length=epoch),
     }
     return [phase for phase in (make[name]() for name in mode.phases) if phase is not None]
+
+
+def drop_lent_gradients(run) -> None:
+    """After GAN pre-training: a tied encoder's owner (W1) did not step, so the gradients H lent it over the
+    pre-training would all land in its first step; pre-training leaves the shared encoder as it was."""
+    for level in run.levels.values():
+        level.lent.clear()
 
 
 def renamed_stream(state: dict, old: str, new: str) -> dict:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -39,7 +40,7 @@ from mlo.models.nas import Architecture, draw_cell, write_genotype
 from mlo.report import (TABLE3_HEADER, markdown_table, per_class_rows, plot_allocation, plot_allocation_over_time,
                         plot_per_class_accuracy, save_sample_grid)
 from mlo.trainer import Phase, StopRequest, Trainer, stop_on_signals
-from problems.base import unwrap
+from problems.base import all_finite, unwrap
 from experiments.levels import BuildContext, build_levels
 from experiments.modes import resolve_mode
 from experiments.phases import build_phases
@@ -83,7 +84,20 @@ def resolve_device(name: str, processes: Processes = Processes()) -> torch.devic
             device = torch.device("cuda", processes.local_rank)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"run.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        # what runs on "the current device" (streams, autocast, compiled kernels, a bare .cuda()) runs on this one
+        torch.cuda.set_device(device if device.index is not None else torch.device("cuda", 0))
     return device
+
+
+def make_deterministic(enabled: bool) -> None:
+    """``run.deterministic``: on CUDA, the same seed then gives the same metrics (as it does on the CPU without
+    it), at some cost in speed: deterministic algorithms (a warning where an operation has none), cuDNN
+    without autotuning, and the cuBLAS workspace its determinism needs (set before CUDA starts)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def _json_safe(value):
@@ -101,6 +115,7 @@ class Run:
         self.processes = Processes.from_environ()
         if cfg.run.threads is not None:
             torch.set_num_threads(cfg.run.threads)
+        make_deterministic(cfg.run.deterministic)
         self.device = resolve_device(cfg.run.device, self.processes)
         if cfg.train.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs a CUDA device; use fp32 (or bf16) on the CPU")
@@ -123,11 +138,10 @@ class Run:
         phases = build_phases(self)
         self.gan_cache_file: Path | None = None  # where this run's pre-trained GAN was read or written
         self.gan_pretrained = None               # "shared" (read from run.gan_cache) or "trained"
-        # not under torchrun (each process has noise of its own) nor with tied encoders (H's steps lend W1 gradients)
-        if cfg.run.gan_cache and not self.processes.distributed and not cfg.model.encoders_tied:
+        if cfg.run.gan_cache and not self.processes.distributed:  # under torchrun each process has noise of its own
             for phase in phases:
                 if phase.name == PRETRAINING:
-                    phase.restore, phase.on_end = self.restore_pretrained_gan, self.share_pretrained_gan
+                    phase.restore, phase.on_end = self.restore_pretrained_gan, self.after_pretraining(phase.on_end)
         # the phase that trains the reported classifier (a re-trained head's is a correction after it)
         self.main_phase = [p.name for p in phases if p.epoch_length and p.leaves != ["crt"]][-1]
         self.derived_from: Path | None = None  # the finished run this one continues (train.posthoc, in compare)
@@ -296,10 +310,11 @@ class Run:
     def save_checkpoint(self) -> None:
         """Every process calls it; rank 0 writes one checkpoint holding every process's own state."""
         self._tick()
-        for name, problem in self.levels.items():
-            if not all(torch.isfinite(p).all() for p in problem.module.parameters()):
-                raise NumericalFault(f"level '{name}' has non-finite weights at step {self.engine.global_step}; "
-                                     f"the checkpoint was not overwritten")
+        finite = [all_finite(list(problem.module.parameters())) for problem in self.levels.values()]
+        if not bool(torch.stack(finite).all()):  # one wait for the device, not one per parameter
+            name = next(name for name, ok in zip(self.levels, finite) if not ok)
+            raise NumericalFault(f"level '{name}' has non-finite weights at step {self.engine.global_step}; "
+                                 f"the checkpoint was not overwritten")
         self.share_statistics()
         per_process = gather_objects(self.process_state()) if self.processes.distributed else None
         if self.processes.main:
@@ -379,6 +394,7 @@ class Run:
                               "loaders": [loader.seed for loader in (p.train_data_loader or [])]}
                        for name, p in self.levels.items()},
             "samples": self.ctx.seed("samples"),
+            "streams": dict(sorted(self.ctx.streams.items())),  # every named stream, its seed
         }
         if self.processes.distributed:
             seeds["processes"] = self.processes.world_size
@@ -387,14 +403,18 @@ class Run:
 
     # ----- a pre-trained GAN shared between runs (run.gan_cache) -----------------------------------
     def gan_cache_key(self) -> str:
-        """What determines the GAN's pre-training: every setting but those acting after it, and the
-        initial weights of the levels it trains or reads (taken as the phase starts)."""
+        """What determines the GAN's pre-training: every setting but those acting after it, the seeds of the
+        random streams it draws from, and the initial weights of the levels it trains or reads (taken as the
+        phase starts)."""
         digest = hashlib.sha256()
         settings = {k: v for k, v in self.cfg.to_dict().items()}
         for key in AFTER_GAN_PRETRAINING:
             section, name = key.split(".")
             settings[section].pop(name, None)
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        for name in GAN_LEVELS:  # the random streams pre-training draws from
+            level = self.levels[name]
+            digest.update(json.dumps([level.seed, [loader.seed for loader in level.train_data_loader or []]]).encode())
         for name in (*GAN_LEVELS, "meta"):
             if name in self.levels:
                 for key, tensor in sorted(self.levels[name].module.state_dict().items()):
@@ -420,6 +440,14 @@ class Run:
         self.trainer.phase_seconds[PRETRAINING] = state["seconds"]
         self.gan_pretrained = "shared"
         return True
+
+    def after_pretraining(self, then):
+        """The end of pre-training: the phase's own ``then``, and the GAN left for other runs."""
+        def done():
+            if then is not None:
+                then()
+            self.share_pretrained_gan()
+        return done
 
     def share_pretrained_gan(self) -> None:
         """At the end of pre-training: leave the GAN where other runs with the same settings find it."""

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 
+import mlo.torch_version  # noqa: F401  (refuses a torch older than the project needs, before Betty loads)
 import torch
 import torch.distributed as dist
 from betty.engine import Engine

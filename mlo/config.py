@@ -176,6 +176,11 @@ class TrainConfig:
                                "or val_and_train (each validation batch joined by a class-balanced batch of as many "
                                "training images: an extension against A over-fitting a small validation set)",
                         choices=("val", "val_and_train"))
+    meta_chunk: int | None = _f(None, "images of A's validation batch per forward-backward (ImageNet-LT's 1,000-image "
+                                      "batches at 128 px hold tens of GB of activations at once); the gradient is the "
+                                      "whole batch's (exactly for networks without batch statistics; with batch norm in "
+                                      "training mode each chunk is normalised by its own). null: the whole batch",
+                                min=1)
     alloc_lr: float = _f(0.01, "train.allocator=learned: learning rate (Adam) of the per-class logits of p(s)", min=0.0)
     meta_every: int = _f(8, "G and A are updated every this many iterations", min=1)
     lambda_gen: float = _f(1.0, "weight of the generated-image loss in W2's objective (lambda)", min=0.0)
@@ -251,6 +256,8 @@ class RunConfig:
                                    "per core. Several jobs on one machine: give each cores / jobs, or they slow each "
                                    "other down many times over. Same seed, thread count and device: same metrics", min=1)
     progress: bool = _f(True, "show progress bars")
+    deterministic: bool = _f(False, "deterministic algorithms on CUDA (slower): the same seed, thread count and "
+                                    "device then give the same metrics on a GPU too; on the CPU they do without it")
     checkpoint_every: int = _f(250, "iterations between checkpoints (one is also written at the end and on "
                                     "SIGINT/SIGTERM); 0: only those", min=0)
     tensorboard: bool = _f(False, "also write the epoch's losses, validation accuracies, Gumbel temperature and, per "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import mlo.torch_version  # noqa: F401  (refuses a torch older than the project needs)
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol

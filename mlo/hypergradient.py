@@ -34,9 +34,11 @@ processes with equal shares of every batch compute what one computes on the whol
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mlo.distributed import active, average_
 
@@ -61,12 +63,37 @@ def step_sizes(level) -> list[float]:
     return [lr[id(p)] for p in level.meta_trainable_parameters()]
 
 
+def twice_differentiable():
+    """Inside, attention runs on the math backend of ``scaled_dot_product_attention``: the fused kernels
+    (flash and memory-efficient on CUDA, flash on the CPU) have no double backward, which exact hops and
+    gradient penalties take through a ViT."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextmanager
+def full_fp32():
+    """Inside, fp32 is fp32 on a GPU too: cuDNN's convolutions (TF32 by default) and matmuls in IEEE fp32. A
+    ``darts`` hop is a difference of gradients ``darts_alpha`` (1e-4) apart in parameter norm, below TF32's
+    10-bit mantissa; an exact hop's double backward is kept at the precision of the reference it is tested
+    against. On the CPU the flags change nothing."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision, torch.get_float32_matmul_precision()
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    torch.set_float32_matmul_precision("highest")  # what torch.set_float32_matmul_precision("high") set
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
 def exact_hop(level, vector: list[torch.Tensor], targets) -> list[list[torch.Tensor]]:
     """``−∂/∂θ_Y (∇_X L_X · vector)`` for every level Y in ``targets``, by double backward."""
     target_params = [p for t in targets for p in t.trainable_parameters()]
     params = level.meta_trainable_parameters()
-    loss = level.training_step_exec(level.cur_batch)
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    with twice_differentiable():
+        loss = level.training_step_exec(level.cur_batch)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     dot = sum((g * v).sum() for g, v in zip(grads, vector) if g is not None)
     if not torch.is_tensor(dot) or not dot.requires_grad:
         return _split([torch.zeros_like(p) for p in target_params], targets)
@@ -117,7 +144,8 @@ def hop(level, vector: list[torch.Tensor], targets, kind: str | None = None) -> 
         vector = [v.clone() for v in vector]
         average_(vector)
     scaled = [v * lr for v, lr in zip(vector, step_sizes(level))]
-    return HOPS[kind](level, scaled, targets)
+    with full_fp32():
+        return HOPS[kind](level, scaled, targets)
 
 
 @dataclass(frozen=True)
@@ -151,6 +179,22 @@ class SweepPlan:
         return cls(upper, tuple(first), tuple(order), targets)
 
 
+def _first_gradients(upper, loss: torch.Tensor, inputs) -> list[torch.Tensor]:
+    """The gradient of ``upper``'s loss with respect to ``inputs``; for a loss in chunks (``loss_chunks``),
+    the sum of each chunk's gradient of its share of the loss, one chunk's graph at a time."""
+    chunks = upper.loss_chunks()
+    if chunks is None:
+        return _zeros_for_none(torch.autograd.grad(loss, inputs, allow_unused=True), inputs)
+    total = None
+    for share, batch in chunks:
+        part = upper.training_step_exec(batch) * share
+        if upper.scaler is not None:
+            part = upper.scaler.scale(part)
+        grads = _zeros_for_none(torch.autograd.grad(part, inputs, allow_unused=True), inputs)
+        total = grads if total is None else torch._foreach_add(total, grads)
+    return total
+
+
 def hypergradient(upper, loss: torch.Tensor) -> list[torch.Tensor]:
     """The gradient of ``upper``'s parameters: direct plus every path's hops, in one sweep."""
     plan = upper.sweep_plan
@@ -158,7 +202,7 @@ def hypergradient(upper, loss: torch.Tensor) -> list[torch.Tensor]:
     hopping = any(level.config.type != "first_order" for level in plan.order)
     first = list(plan.first) if hopping else []
     inputs = params + [p for level in first for p in level.trainable_parameters()]
-    flat = _zeros_for_none(torch.autograd.grad(loss, inputs, allow_unused=True), inputs)
+    flat = _first_gradients(upper, loss, inputs)
     total = flat[:len(params)]
     pending = {level.name: vector for level, vector in zip(first, _split(flat[len(params):], first))}
     for level in plan.order:

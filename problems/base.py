@@ -37,8 +37,7 @@ A subclass is small: ``prepare_batch`` and ``training_step``, sometimes ``forwar
 """
 from __future__ import annotations
 
-import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cached_property
 from typing import Any
 
@@ -49,7 +48,7 @@ from torch.nn.utils.parametrizations import _SpectralNorm
 
 from mlo.betty_compat import CompatProblem
 from mlo.hypergradient import SweepPlan, hypergradient
-from mlo.data.loaders import derive_seed
+from mlo.data.loaders import derive_seed, stream_seed
 from mlo.distributed import any_process
 
 
@@ -61,9 +60,21 @@ def unwrap(module: nn.Module) -> nn.Module:
 FAULT_KINDS = {1: "gradient", 2: "loss"}  # a step's fault code (0: a good step); the larger wins
 
 
-def _finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Whether all given tensors are finite, as a boolean tensor on their device (no host sync)."""
     return torch.stack(torch._foreach_norm(tensors)).isfinite().all()
+
+
+def start_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """SGD's momentum buffers as zeros before the first step. Fused SGD allocates them, uninitialised, in
+    its first step and writes them only if the step is taken: a first step skipped as non-finite
+    (``found_inf``) leaves garbage that every later step reads. From zeros, the first step taken is the same
+    (``μ·0 + g = g`` without dampening, the only form built here)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        for group in optimizer.param_groups:
+            if group["momentum"]:
+                for p in group["params"]:
+                    optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def level_config(*, unroll_steps: int = 1, hypergradient: str = "exact", darts_alpha: float = 1e-4,
@@ -72,6 +83,10 @@ def level_config(*, unroll_steps: int = 1, hypergradient: str = "exact", darts_a
     (``darts`` or ``exact``, see ``mlo.hypergradient``) used where this level is a lower level."""
     return Config(type=hypergradient, unroll_steps=unroll_steps, darts_alpha=darts_alpha, precision=precision,
                   retain_graph=retain_graph)
+
+
+# layers whose forward in training mode updates their buffers: batch statistics, spectral norm's vectors
+STATEFUL_LAYERS = (nn.modules.batchnorm._NormBase, _SpectralNorm)
 
 
 @contextmanager
@@ -83,7 +98,9 @@ def frozen_statistics(modules: list[nn.Module], keep: list[nn.Module] = (), excl
     nothing is modified in place (autograd saved the scratch copies, e.g. BN's running stats).
     """
     kept = {id(m) for k in keep for m in k.modules()} - {id(m) for e in exclude for m in e.modules()}
-    inner = list({id(m): m for module in modules for m in module.modules() if id(m) not in kept}.values())
+    # only the layers whose forward writes their buffers: each buffer swapped is a copy per step and hop
+    inner = list({id(m): m for module in modules for m in module.modules()
+                  if id(m) not in kept and isinstance(m, STATEFUL_LAYERS)}.values())
     spectral = [m for m in inner if isinstance(m, _SpectralNorm)]
     saved_iters = [m.n_power_iterations for m in spectral]
     originals = [(m, name, b) for m in inner for name, b in m._buffers.items() if b is not None]
@@ -125,7 +142,7 @@ class LevelProblem(CompatProblem):
                  borrows: nn.Module | None = None, lender: str | None = None):
         super().__init__(name, config, module=module, optimizer=optimizer, scheduler=scheduler,
                          train_data_loader=train_data_loader)
-        self.seed = derive_seed(seed, zlib.crc32(name.encode()))
+        self.seed = stream_seed(seed, name)  # the level's own noise: the stream named after it
         self.ready_on = ready_on        # step once these children are ready, not all of them
         self.graph_modules: list[nn.Module] = [module]  # set by the graph builder: every module in the graph
         self.noise = None                # torch.Generator on the device, for prepare_batch
@@ -138,6 +155,7 @@ class LevelProblem(CompatProblem):
         self.borrows = borrows     # a module of another level's (a tied encoder) that this level reads
         self.lender = lender       # the name of that level, which steps it
         self.lent: dict[int, torch.Tensor] = {}  # (as a lender) borrowers' gradients of its weights, by id
+        self.chunk_size: int | None = None  # a level with paths: images per forward-backward of its own loss
 
     # ----- randomness, drawn in get_batch -------------------------------------------------------
     def initialize(self):
@@ -181,9 +199,11 @@ class LevelProblem(CompatProblem):
                 self.lent[id(p)] = self.lent[id(p)] + g.detach() if id(p) in self.lent else g.detach()
 
     def patch_optimizer(self):
-        if self.trainable_parameters():
-            return super().patch_optimizer()
-        self.optimizer = None  # nothing of its own to step (all it reads is borrowed or another level's)
+        if not self.trainable_parameters():
+            self.optimizer = None  # nothing of its own to step (all it reads is borrowed or another level's)
+            return
+        super().patch_optimizer()
+        start_momentum(self.optimizer)
 
     def patch_scheduler(self):
         if self.optimizer is None:
@@ -200,10 +220,26 @@ class LevelProblem(CompatProblem):
             owned.append(norms[stream])
         return owned
 
+    def loss_chunks(self) -> list[tuple[float, dict[str, Any]]] | None:
+        """The own step's batch cut into pieces of ``chunk_size`` images, each with its share of the batch, so
+        that the shares' weighted sum of the pieces' mean losses is the batch's mean loss; None: one piece."""
+        if not self.chunk_size:
+            return None
+        batch = self.cur_batch
+        n = len(batch["y"])
+        if n <= self.chunk_size:
+            return None
+        cut = lambda v, i: v[i:i + self.chunk_size] if torch.is_tensor(v) and v.dim() and len(v) == n else v  # noqa: E731
+        return [(min(self.chunk_size, n - i) / n, {k: cut(v, i) for k, v in batch.items()})
+                for i in range(0, n, self.chunk_size)]
+
     def get_loss(self, batch):
         self._own_step = True
+        chunked = bool(self.paths) and self.chunk_size and len(batch["y"]) > self.chunk_size
         try:
-            loss, loss_dict = super().get_loss(batch)
+            # a chunked loss is differentiated piece by piece in backward: here only its value, without a graph
+            with torch.no_grad() if chunked else nullcontext():
+                loss, loss_dict = super().get_loss(batch)
             self._loss_finite = torch.isfinite(loss_dict["loss"])
             self.record("loss", torch.where(self._loss_finite, loss_dict["loss"], 0.0))
             self.record("steps", self._loss_finite.float())
@@ -248,7 +284,7 @@ class LevelProblem(CompatProblem):
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         # with fp16 the GradScaler itself skips steps with inf gradients (normal while it calibrates)
         if self.scaler is None and grads:
-            code = torch.where(_finite(grads), code, code.clamp(min=1))
+            code = torch.where(all_finite(grads), code, code.clamp(min=1))
         self.fault_codes.append((self._global_step, code))
         self.step_unless(code > 0)
 

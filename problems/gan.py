@@ -105,22 +105,34 @@ class GeneratorProblem(LevelProblem):
         self.ema_decay = ema_decay
         self.topk = (topk_decay, topk_min_fraction)
         self.ema = None
+        self.ema_count = 0  # updates of the EMA so far (also its n_averaged, on the device)
         self.with_real = False  # set in initialize: D sees G's images beside real ones
 
     def initialize(self):
         super().initialize()
-        self.ema = AveragedModel(unwrap(self.module), multi_avg_fn=self._ema_update, use_buffers=True)
+        self.ema = AveragedModel(unwrap(self.module), use_buffers=True)  # updated by update_ema
         # a D with batch statistics sees G's images beside real ones, as in its own step
         self.with_real = has_batch_norm(self.disc.module, self.shared_meta)
 
     @torch.no_grad()
-    def _ema_update(self, averaged, current, num_averaged):
-        if not torch.is_floating_point(averaged[0]):  # integer buffers (BN's batch counter): copy
-            torch._foreach_copy_(averaged, current)
-            return
-        # warm-up as in TF's ExponentialMovingAverage, so early averages are not swamped by the init
-        n = float(num_averaged)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(self.ema_decay, (1.0 + n) / (10.0 + n)))
+    def update_ema(self) -> None:
+        """The moving average of G's weights and buffers. Its counter is read on the host (torch's
+        ``AveragedModel.update_parameters`` reads its device counter twice per update: a wait for the device
+        at every G step); the first update copies, then warm-up as in TF's ExponentialMovingAverage, so
+        early averages are not swamped by the initialisation."""
+        module = unwrap(self.module)
+        pairs = list(zip([*self.ema.module.parameters(), *self.ema.module.buffers()],
+                         [*module.parameters(), *module.buffers()]))
+        n = self.ema_count
+        copied = pairs if n == 0 else [(a, c) for a, c in pairs if not a.is_floating_point()]  # BN's batch counter
+        averaged = [] if n == 0 else [(a, c) for a, c in pairs if a.is_floating_point()]
+        if copied:
+            torch._foreach_copy_([a for a, _ in copied], [c for _, c in copied])
+        if averaged:
+            weight = 1.0 - min(self.ema_decay, (1.0 + n) / (10.0 + n))
+            torch._foreach_lerp_([a for a, _ in averaged], [c for _, c in averaged], weight)
+        self.ema.n_averaged += 1
+        self.ema_count += 1
 
     def prepare_batch(self, data):
         n, dev = self.batch_size, self.device
@@ -148,7 +160,7 @@ class GeneratorProblem(LevelProblem):
         return top_k_mean(out.per_sample, out.score, batch["topk_fraction"])
 
     def param_callback(self):
-        self.ema.update_parameters(unwrap(self.module))
+        self.update_ema()
 
     def level_state(self):
         return {**super().level_state(), "ema": self.ema.state_dict()}
@@ -156,6 +168,7 @@ class GeneratorProblem(LevelProblem):
     def load_level_state(self, state):
         super().load_level_state(state)
         self.ema.load_state_dict(state["ema"])
+        self.ema_count = int(self.ema.n_averaged)
 
 
 class TruncationProblem(LevelProblem):

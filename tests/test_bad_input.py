@@ -3,7 +3,6 @@ no run directory left behind that could pass for a finished run."""
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.cli import main
+from experiments.cli import main, resolve_config_path
 
 SHORT = ["epochs=2", "gan_pretrain_steps=8", "width=8", "gan_ch=8", "z_dim=8", "shared_dim=8",
          "meta_every=4", "progress=false"]
@@ -170,7 +170,7 @@ def test_run_help_lists_the_chosen_configs_values_and_choices(capsys):
         main(["run", "fmnist_lt_cpu", "lr=0.01", "--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0
-    assert "gan.gan_ch=8 " in out and "train.lr=0.01 " in out and "data.dataset=fmnist " in out
+    assert "gan.gan_ch=32 " in out and "train.lr=0.01 " in out and "data.dataset=fmnist " in out
     generator = next(line for line in out.splitlines() if line.strip().startswith("gan.generator="))
     assert all(name in generator for name in ("acgan", "biggan", "light_per_class", "vcgan", "wacgan_gp"))
     assert "train.optimizer=adam" in out and "[choices: adam, sgd]" in out
@@ -193,3 +193,29 @@ def test_a_run_on_another_dataset_is_named_after_it(tmp_path, monkeypatch):
     assert main(["run", "mode=vanilla", "dataset=synthetic", "epochs=1", "width=4", "progress=false",
                  "n_max=20", "val_per_class=2", "test_per_class=2"]) in (0,)
     assert (tmp_path / "runs" / "digits_lt-synthetic-vanilla-seed0" / "metrics.json").is_file()
+
+
+def test_gpu_check_says_in_one_line_that_it_needs_cuda(capsys):
+    from experiments.bench import gpu_check
+    assert not torch.cuda.is_available()  # this machine; on a GPU machine the check itself runs
+    assert gpu_check.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA device" in err
+
+
+def test_gpu_check_settings_run_and_report_on_tiny_shapes():
+    """The check's own machinery, on the CPU with tiny shapes: every setting it lists resolves, a setting's
+    modes are timed with their ratio to vanilla, and a failing setting is a row, not the end of the check."""
+    from experiments.bench import gpu_check
+    from mlo.config import load_config
+    from tests.conftest import TINY
+
+    for setting in gpu_check.settings():  # every shipped setting is a valid config
+        load_config(None if setting.config is None else resolve_config_path(setting.config), list(setting.overrides))
+    tiny = gpu_check.Setting("tiny", None, tuple(TINY) + ("train.meta_every=2",), ("vanilla", "end2end"))
+    broken = gpu_check.Setting("broken", None, tuple(TINY) + ("model.width=0",), ("vanilla",))
+    rows = gpu_check.run_setting(tiny, iters=2, warmup=1) + gpu_check.run_setting(broken, iters=1, warmup=0)
+    assert [r["mode"] for r in rows] == ["vanilla", "end2end", "vanilla"]
+    assert all(r["s_per_it"] > 0 for r in rows[:2]) and rows[2]["error"].startswith("ConfigError")
+    text = gpu_check.report(rows)
+    assert "x  " in text.splitlines()[2] and "FAILED" in text.splitlines()[3]

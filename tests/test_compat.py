@@ -71,3 +71,43 @@ def test_steps_do_not_queue_lazy_cuda_calls():
     queued = len(torch.cuda._queued_calls)
     Trainer(run.engine, [Phase("p", 4)], progress=False).run()
     assert len(torch.cuda._queued_calls) == queued
+
+
+def test_a_torch_older_than_the_project_needs_is_refused_in_one_line_at_import():
+    import subprocess
+    import sys
+
+    from mlo.torch_version import MIN_TORCH, check_torch
+    check_torch()  # the installed one
+    code = ("import torch; from torch.torch_version import TorchVersion; torch.__version__ = TorchVersion('2.8.0')\n"
+            "from experiments.cli import main; import sys; sys.exit(main(['run', 'epochs=1', 'progress=false']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.strip() == (f"needsgen: error: needsgen needs torch >= {MIN_TORCH} and found 2.8.0; upgrade "
+                                     f"it (pip install 'torch>={MIN_TORCH}' 'torchvision>=0.24')")
+
+
+def test_cuda_n_in_one_process_becomes_the_current_device(monkeypatch):
+    """run.device=cuda:N without torchrun: streams, autocast and compiled kernels use the current device,
+    so resolving the device makes cuda:N current (checked with CUDA's calls stood in for on the CPU)."""
+    import torch
+
+    from experiments.runner import resolve_device
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    assert resolve_device("cuda:2") == torch.device("cuda", 2) and current == [torch.device("cuda", 2)]
+    assert resolve_device("cpu") == torch.device("cpu") and len(current) == 1
+
+
+def test_run_deterministic_turns_on_deterministic_algorithms():
+    import torch
+
+    from tests.conftest import build_run
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        build_run("train.mode=vanilla", "run.deterministic=true")
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)

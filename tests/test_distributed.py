@@ -21,10 +21,10 @@ TINY_RUN = ["data.n_max=40", "data.imbalance_factor=4", "data.val_per_class=4", 
             "run.device=cpu", "run.progress=false", "run.checkpoint_every=6", "run.name=ddp"]
 
 
-def torchrun(debug_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(debug_dir: Path, *args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
     debug_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                            str(REPO / "tests" / "torchrun_worker.py"), str(debug_dir), *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -85,3 +85,20 @@ def test_both_processes_resume_exactly_from_a_checkpoint(two_process_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert metrics_without_timing(run_dir) == finished
     assert_same_weights(*ranks(cwd / "debug-resumed"))
+
+
+def test_two_processes_get_the_gradients_one_process_gets_on_the_whole_batch(tmp_path):
+    """Against one process, not only against each other: the gradient that reaches W1 through p(s) (the
+    validation losses summed over processes, differentiably) and A's gradient (direct and through W1's
+    step), on networks without batch statistics, as the processes' optimizers see them."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder, processes in ((one, 1), (two, 2)):
+        result = torchrun(folder, "gradients", cwd=tmp_path, processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+    single = torch.load(one / "rank0.pt", weights_only=True)
+    for rank in ranks(two):
+        assert torch.allclose(rank["p"], single["p"], atol=1e-6)
+        assert any(g.abs().sum() > 0 for g in single["p_grad_w1"])
+        for key in ("p_grad_w1", "meta_grad"):
+            for a, b in zip(rank[key], single[key]):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), key

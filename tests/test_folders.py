@@ -72,13 +72,13 @@ def _cars(tmp_path, per_class: int = 4):
     (base / "devkit").mkdir(parents=True)
     names = np.array(["AM General Hummer SUV 2000", "Acura RL Sedan 2012"], dtype=object)
     scipy.io.savemat(base / "devkit" / "cars_meta.mat", {"class_names": names})
-    for split, annotations in (("train", base / "devkit" / "cars_train_annos.mat"),
+    for split, annotation_file in (("train", base / "devkit" / "cars_train_annos.mat"),
                                ("test", base / "cars_test_annos_withlabels.mat")):
         records = np.zeros(2 * per_class, dtype=[("fname", object), ("class", np.uint8)])
         for i in range(2 * per_class):
             records[i] = (f"{i:05d}.jpg", 1 + i % 2)  # the .mat files count classes from 1
             _image(base / f"cars_{split}" / f"{i:05d}.jpg", i + (0 if split == "train" else 50))
-        scipy.io.savemat(annotations, {"annotations": records})
+        scipy.io.savemat(annotation_file, {"annotations": records})
     return base
 
 

@@ -364,3 +364,33 @@ def test_lecam_anchors_follow_their_ema_and_move_only_in_ds_own_step():
 def test_idle_or_impossible_options_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_run(*overrides)
+
+
+def test_the_generators_moving_average_is_torchs_averaged_model_with_warm_up():
+    """The EMA update counts on the host (no wait for the device per G step) and computes what torch's
+    AveragedModel does with the TF-style warm-up: a copy first, then lerp by 1 − min(decay, (1+n)/(10+n))."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from problems.base import unwrap
+    run = build_run("gan.ema_decay=0.9")
+    gen = run.levels["gen"]
+    module = unwrap(gen.module)
+
+    def warm_up(averaged, current, n):
+        if not torch.is_floating_point(averaged[0]):
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(n)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(0.9, (1.0 + n) / (10.0 + n)))
+
+    reference = AveragedModel(module, multi_avg_fn=warm_up, use_buffers=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        gen.update_ema()
+        reference.update_parameters(module)
+    assert gen.ema_count == 5 and int(gen.ema.n_averaged) == 5
+    for a, b in zip(gen.ema.state_dict().values(), reference.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from mlo.betty_compat import CompatProblem
 from mlo.graph import build_engine
-from mlo.hypergradient import path_gradients
+from mlo.hypergradient import path_gradients, twice_differentiable
 from mlo.trainer import Phase, Trainer
 from problems import LevelProblem, RefinedClassifierProblem, level_config
 from tests.conftest import SMOOTH, build_run
@@ -137,8 +137,9 @@ def test_first_order_is_the_direct_gradient_alone():
 def _exact_hop(v, curr, prev):
     """−∂/∂θ_prev (∇_θcurr L_curr · η_curr v), by double backward on the batch the engine used."""
     eta = curr.optimizer.param_groups[0]["lr"]
-    loss = curr.training_step_exec(curr.cur_batch)
-    grads = torch.autograd.grad(loss, curr.trainable_parameters(), create_graph=True, allow_unused=True)
+    with twice_differentiable():
+        loss = curr.training_step_exec(curr.cur_batch)
+        grads = torch.autograd.grad(loss, curr.trainable_parameters(), create_graph=True, allow_unused=True)
     dot = sum((g * u * eta).sum() for g, u in zip(grads, v) if g is not None)
     out = torch.autograd.grad(dot, prev.trainable_parameters(), allow_unused=True)
     return [-(o if o is not None else torch.zeros_like(p)) for o, p in zip(out, prev.trainable_parameters())]
@@ -333,10 +334,77 @@ def test_a_with_weight_decay_and_class_balanced_training_batches_keeps_its_exact
     meta = run.levels["meta"]
     assert meta.optimizer.param_groups[0]["weight_decay"] == 0.01
     run.engine.train()
-    batch = meta.get_batch()
-    n = run.cfg.data.val_batch_size
-    assert len(batch["y"]) == 2 * n
-    val, train = torch.bincount(batch["y"][:n]), torch.bincount(batch["y"][n:], minlength=run.data.num_classes)
-    assert (val == val[0]).all() and (train > 0).sum() >= run.data.num_classes - 2  # balanced, all classes drawn
+    n, classes = run.cfg.data.val_batch_size, run.data.num_classes
+    val, train = torch.zeros(classes), torch.zeros(classes)
+    for _ in range(10):
+        batch = meta.get_batch()
+        assert len(batch["y"]) == 2 * n
+        val += torch.bincount(batch["y"][:n], minlength=classes)
+        train += torch.bincount(batch["y"][n:], minlength=classes)
+    counts = torch.tensor(run.data.train_counts, dtype=torch.float)
+    assert (val == val[0]).all()  # the validation batches: balanced
+    assert train.std() / train.mean() < 0.3 < counts.std() / counts.mean()  # the training images: class-balanced
     reports = run_and_compare(build_run("train.meta_data=val_and_train", "train.meta_every=2"), iterations=4)
     assert len(reports) == 2 and all(total >= 0.99 and hyper >= 0.99 for total, hyper in reports), reports
+
+
+def test_exact_hops_through_a_timm_vit_run_attention_on_a_twice_differentiable_backend():
+    """A ViT's fused attention (flash, on the CPU as on CUDA) has no double backward: the exact hop runs
+    attention on the math backend, and matches the exact reference on timm's tiny test ViT."""
+    run = build_run("model.encoder=timm:test_vit", "data.image_size=32", "train.meta_every=2", "train.batch_size=8")
+    assert run.cfg.model.encoders_tied  # a timm backbone: W1, W2 and H share it, each with a layer of its own
+    encoder = run.levels["w1"].module.encoder.shared
+    x = torch.randn(2, 1, 32, 32, requires_grad=True)
+    (g,) = torch.autograd.grad(encoder(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for .*attention.* is not implemented"):
+        torch.autograd.grad(g.sum(), x)  # what an exact hop would meet without the math backend
+    reports = run_and_compare(run, iterations=4)
+    assert len(reports) == 2 and all(total >= 0.99 and hyper >= 0.99 for total, hyper in reports), reports
+
+
+@pytest.mark.parametrize("kind", ["darts", "exact"])
+def test_hops_run_in_ieee_fp32_whatever_tf32_settings_a_user_made(kind):
+    """On a GPU, cuDNN convolutions default to TF32 (10-bit mantissa), below a darts hop's resolution: hops
+    switch TF32 off for convolutions and matmuls (and full matmul precision), and restore the settings after."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision, torch.get_float32_matmul_precision()
+    run = build_run(*SMOOTH, "train.meta_every=2", f"train.hypergradient={kind}")
+    w2 = run.levels["w2"]
+    seen, step = [], w2.training_step
+
+    def watch(batch):
+        if not w2._own_step:  # a hop through W2
+            seen.append((conv.fp32_precision, matmul.fp32_precision, torch.get_float32_matmul_precision()))
+        return step(batch)
+
+    w2.training_step = watch
+    try:
+        conv.fp32_precision, matmul.fp32_precision = "tf32", "tf32"
+        torch.set_float32_matmul_precision("medium")
+        Trainer(run.engine, [Phase("check", 2)], progress=False).run()
+        assert seen and set(seen) == {("ieee", "ieee", "highest")}
+        assert (conv.fp32_precision, matmul.fp32_precision, torch.get_float32_matmul_precision()) == (
+            "tf32", "tf32", "medium")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def test_a_meta_loss_in_chunks_has_the_gradient_of_the_whole_batch():
+    """train.meta_chunk: A's validation batch forward-backward a chunk at a time (ImageNet-LT's memory); on
+    networks without batch statistics the gradient, hypergradient included, is the whole batch's."""
+    grads = {}
+    for chunk in (None, 7):
+        run = build_run(*SMOOTH, "train.meta_every=2", "data.val_batch_size=40", "data.val_per_class=4",
+                        *([f"train.meta_chunk={chunk}"] if chunk else []))
+        meta = run.levels["meta"]
+        assert meta.chunk_size == chunk
+        seen = []
+        meta.grad_callback = lambda meta=meta, seen=seen: seen.append(_flat([p.grad for p in meta.trainable_parameters()]).clone())
+        Trainer(run.engine, [Phase("check", 4)], progress=False).run()
+        assert len(seen) == 2
+        grads[chunk] = seen
+        if chunk:
+            assert len(meta.loss_chunks()) == 6 and sum(share for share, _ in meta.loss_chunks()) == pytest.approx(1.0)
+    for whole, chunked in zip(grads[None], grads[7]):
+        assert torch.allclose(whole, chunked, rtol=1e-5, atol=1e-7)

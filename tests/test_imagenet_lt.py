@@ -147,6 +147,20 @@ def test_training_batches_are_deterministic_and_resume_mid_epoch(imagenet_root):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
+def test_decoding_workers_stay_up_from_one_loader_epoch_to_the_next(imagenet_root):
+    """A validation loader of ImageNet-LT runs through its epochs every few meta steps: its worker processes
+    are started once, not forked again for each epoch; the batches are those of a loader without workers."""
+    data = build_longtail(imagenet_config(imagenet_root).data)
+    loader = make_loader("balanced", data.val_images, data.val_labels, 20, seed=1, workers=2)
+    plain = make_loader("balanced", data.val_images, data.val_labels, 20, seed=1)
+    pids = []
+    for _ in range(3):
+        for (x, y), (x0, y0) in zip(_batches(loader), _batches(plain)):
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+        pids.append(sorted(w.pid for w in loader._decoder._iterator._workers))
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+
+
 def test_training_augmentation_is_random_per_image(imagenet_root):
     data = build_longtail(imagenet_config(imagenet_root).data)
     labels = np.zeros(2, dtype=np.int64)

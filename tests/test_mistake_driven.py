@@ -7,7 +7,7 @@ import torch
 from mlo.config import GANConfig
 from mlo.errors import ConfigError
 from mlo.models import create_model
-from mlo.trainer import Phase, Trainer
+from mlo.trainer import Trainer
 from tests.conftest import build_run
 
 SCHEME = ("train.mode=sequential", "train.allocator=worstk", "train.worstk_k=3", "gan.generator=light_per_class",

@@ -14,8 +14,7 @@ from mlo.budget import ClassStats, WorstKAllocator, create_allocator
 from mlo.data.loaders import make_loader
 from mlo.metrics import predict
 from mlo.trainer import Phase, Trainer
-from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem, GeneratorProblem,
-                      RefinedClassifierProblem)
+from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem, RefinedClassifierProblem)
 from problems.base import frozen_statistics
 from problems.multitask import MultiTaskGeneratorProblem
 from problems.sequential import PregeneratedClassifierProblem
@@ -276,3 +275,20 @@ def test_options_that_would_do_nothing_are_refused(overrides, message):
     from mlo.errors import ConfigError
     with pytest.raises(ConfigError, match=message):
         build_run(*overrides)
+
+
+def test_frozen_statistics_copies_only_the_buffers_a_forward_writes():
+    """A step or hop that is not a level's own runs with scratch copies of the buffers forwards write (batch
+    norm's statistics, spectral norm's vectors) and leaves every other buffer in place: one copy per such
+    buffer per evaluation, not one per buffer of every module."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    module = torch.nn.Sequential(spectral_norm(torch.nn.Linear(3, 3)), torch.nn.BatchNorm1d(3))
+    module.register_buffer("constant", torch.arange(3.0))  # e.g. a position index
+    outside = dict(module.named_buffers())
+    with frozen_statistics([module]):
+        inside = dict(module.named_buffers())
+        module(torch.randn(5, 3))
+    assert inside["constant"] is outside["constant"]
+    assert all(inside[k] is not outside[k] for k in outside if k != "constant")
+    assert all(torch.equal(b, outside[k]) for k, b in module.named_buffers())  # nothing moved

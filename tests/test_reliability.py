@@ -17,6 +17,7 @@ import torch
 from experiments.cli import main
 from experiments.runner import Run
 from mlo.errors import NumericalFault
+from mlo.trainer import Phase, Trainer
 from tests.conftest import build_run, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,3 +288,17 @@ def test_resume_after_a_crash_between_the_two_renames(short_run, capsys):
     assert main(["run", "--resume", str(short_run)]) == 0
     assert not (short_run / ".checkpoint.pt.tmp123").exists()
     assert math.isfinite(json.loads((short_run / "metrics.json").read_text())["top1"])
+
+
+def test_a_skipped_first_sgd_step_leaves_momentum_that_the_next_step_can_use():
+    """Fused SGD allocates its momentum buffers in its first step and fills them only if the step is taken:
+    a non-finite first step (skipped on the device) must not leave garbage for the steps after it."""
+    runs = [build_run("train.mode=vanilla", "train.optimizer=sgd", "train.lr=0.1") for _ in range(2)]
+    skipped, clean = (run.levels["w1"] for run in runs)
+    _nan_loss_at(skipped, {1})
+    Trainer(runs[0].engine, [Phase("two", 2)], progress=False).run()  # step 1 skipped, step 2 is its first
+    clean.get_batch()  # the clean run's first step takes the batch the skipping run's second step took
+    Trainer(runs[1].engine, [Phase("one", 1)], progress=False).run()
+    for p, q in zip(skipped.trainable_parameters(), clean.trainable_parameters()):
+        assert torch.isfinite(skipped.optimizer.state[p]["momentum_buffer"]).all()
+        assert torch.allclose(p, q, atol=1e-6)

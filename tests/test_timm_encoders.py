@@ -96,13 +96,14 @@ def test_tying_is_on_by_default_for_timm_and_off_for_small_encoders():
     assert small.cfg.model.tie_encoders is None and not small.cfg.model.encoders_tied
     assert small.levels["w1"].module.encoder is not small.levels["w2"].module.encoder
     timm_run = build_run("model.encoder=timm:resnet18")
-    encoder = timm_run.levels["w1"].module.encoder
-    assert timm_run.levels["w2"].module.encoder is encoder
-    assert timm_run.levels["disc"].module.body is encoder
+    encoders = [timm_run.levels["w1"].module.encoder, timm_run.levels["w2"].module.encoder,
+                timm_run.levels["disc"].module.body]
+    assert all(e.shared is encoders[0].shared for e in encoders)  # one encoder, and a layer of each network's own
+    assert len({id(e.own) for e in encoders}) == 3
     untied = build_run("model.encoder=timm:resnet18", "model.tie_encoders=false")
     assert untied.levels["w2"].module.encoder is not untied.levels["w1"].module.encoder
-    tied_small = build_run("model.tie_encoders=true")
-    assert tied_small.levels["disc"].module.body is tied_small.levels["w1"].module.encoder
+    tied_neck = build_run("model.tie_encoders=true", "model.meta=neck")  # own class heads tell the networks apart
+    assert tied_neck.levels["disc"].module.body is tied_neck.levels["w1"].module.encoder
 
 
 def test_two_mlo_iterations_with_a_timm_encoder_on_digits():
@@ -112,8 +113,8 @@ def test_two_mlo_iterations_with_a_timm_encoder_on_digits():
     before = parameters_to_vector(encoder.parameters()).detach().clone()
     Trainer(run.engine, [Phase("timm", 2)], progress=False).run()
     steps = {name: optimizer_steps(p) for name, p in run.levels.items()}
-    # tied encoders and A as the head: W2 is W1's encoder and A, with nothing of its own to step
-    assert steps == {"w1": 2, "disc": 2, "w2": 0, "gen": 1, "meta": 1}
+    # tied encoders and A as the head: W2 steps the layer it owns between the shared encoder and A
+    assert steps == {"w1": 2, "disc": 2, "w2": 2, "gen": 1, "meta": 1}
     assert not torch.equal(parameters_to_vector(encoder.parameters()), before)
     assert all(torch.isfinite(p).all() for p in run.levels["meta"].module.parameters())
 
@@ -176,10 +177,25 @@ def test_the_encoder_step_sums_what_the_borrowers_lent():
     assert torch.allclose(seen["lent"], seen["expected"], atol=1e-5)
 
 
-def test_a_level_with_nothing_of_its_own_still_lends_its_gradient():
-    """Tied encoders with A as the head: W2 is W1's encoder and A, so it has no weights of its own."""
-    run = build_run("model.tie_encoders=true", "train.meta_every=2")
-    w2 = run.levels["w2"]
-    assert w2.trainable_parameters() == [] and w2.optimizer is None and w2.scheduler is None
-    Trainer(run.engine, [Phase("tied", 4)], progress=False).run()
-    assert run.levels["w1"].lent and "module" in w2.level_state()
+def test_tied_encoders_with_a_as_the_head_keep_w1_and_w2_distinct(tmp_path):
+    """Tied encoders and A the shared head: each network owns a layer between the shared encoder and A, so W2
+    is not W1 ("before" differs from "after"), the hypergradient paths through W2 carry something, and they
+    match the exact reference; GAN pre-training does not move the shared encoder (W1 does not step in it)."""
+    from tests.test_hypergradient import run_and_compare
+    from mlo.hypergradient import path_gradients
+
+    run = build_run("model.tie_encoders=true", "train.meta_every=2", "gan.gan_pretrain_steps=3")
+    w1, w2 = run.levels["w1"], run.levels["w2"]
+    own = {id(p) for p in w2.module.encoder.own.parameters()}
+    assert {id(p) for p in w2.trainable_parameters()} == own and w2.optimizer is not None
+    shared = [p.detach().clone() for p in w1.module.encoder.shared.parameters()]
+    Trainer(run.engine, run.trainer.phases[:1], progress=False).run()  # GAN pre-training
+    assert not w1.lent and all(torch.equal(a, b) for a, b in zip(shared, w1.module.encoder.shared.parameters()))
+    reports = run_and_compare(run, iterations=4)
+    assert len(reports) == 2 and all(total >= 0.99 and hyper >= 0.99 for total, hyper in reports), reports
+    paths = path_gradients(run.levels["meta"], kind="exact")
+    assert sum(g.abs().sum() for g in paths["meta>w2>meta"]) > 0
+    run.engine.eval()
+    x = torch.as_tensor(run.data.test_images[:50]).float().div(127.5).sub(1)
+    with torch.no_grad():
+        assert not torch.allclose(w1(x), w2(x))

@@ -4,7 +4,8 @@ watched from the outside.
     torchrun --standalone --nproc_per_node=N tests/torchrun_worker.py DEBUG_DIR needsgen-args...
 
 Each process writes ``DEBUG_DIR/rank<r>.pt``: every allocation p(s) it computed (own steps and
-hops, in order), its levels' parameters at the end, and which of the run's writers it called.
+hops, in order), its levels' parameters at the end, and which of the run's writers it called; with
+``gradients`` in place of the needsgen arguments, the gradients of ``gradients()`` below.
 """
 from __future__ import annotations
 
@@ -20,6 +21,44 @@ from problems import RefinedClassifierProblem
 
 debug_dir, argv = Path(sys.argv[1]), sys.argv[2:]
 seen = {"allocations": [], "params": {}, "writes": []}
+
+
+def gradients() -> dict:
+    """``gradients`` instead of needsgen arguments: on smooth networks (no batch statistics), the gradient
+    of a fixed function of p(s) with respect to W1 (p from every process's share of the validation batch),
+    and A's gradient at the first meta step of vanilla_meta (no noise), both as the optimizer sees them."""
+    from mlo.distributed import average_
+    from mlo.trainer import Phase, Trainer
+    from tests.conftest import SMOOTH, tiny_config
+
+    common = [*SMOOTH, "data.val_batch_size=20", "train.batch_size=16", "train.meta_every=2",
+              "data.augment=none", "gan.diffaugment=none"]
+    run = runner.Run(tiny_config(*common))
+    w1, w2 = run.levels["w1"], run.levels["w2"]
+    run.engine.train()
+    batch = w2.get_batch()
+    p, _ = w2.allocation(batch["x_val"], batch["y_val"], batch["idx_val"])
+    weights = torch.linspace(-1.0, 1.0, len(p))
+    grads = list(torch.autograd.grad((weights * torch.log(p)).sum(), w1.trainable_parameters()))
+    average_(grads)  # what a level's step does with its processes' gradients
+    out = {"p": p.detach(), "p_grad_w1": grads}
+    run = runner.Run(tiny_config(*common, "train.mode=vanilla_meta"))
+    meta, averaged = run.levels["meta"], []
+    average = meta.average_gradients
+
+    def capture(*args, **kwargs):
+        average(*args, **kwargs)
+        averaged.append([q.grad.detach().clone() for q in meta.trainable_parameters()])
+
+    meta.average_gradients = capture
+    Trainer(run.engine, [Phase("meta", 2)], progress=False).run()
+    out["meta_grad"] = averaged[0]
+    return out
+
+
+if argv[:1] == ["gradients"]:
+    torch.save(gradients(), debug_dir / f"rank{Processes.from_environ().rank}.pt")
+    sys.exit(0)
 
 
 def watch_allocation(original):

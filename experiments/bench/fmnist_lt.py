@@ -1,139 +1,234 @@
-"""The Fashion-MNIST-LT CPU comparison behind README's *Measured* tables.
+"""The Fashion-MNIST-LT CPU comparison behind README's *Does generation earn its place?* tables.
 
-    python -m experiments.bench.fmnist_lt [--parts if100,val50,if20,gan] [--seeds 0,1,2,3,4] [key=value ...]
+    python -m experiments.bench.fmnist_lt [--parts if100,if20,gan,fullsize] [--seeds 0,1,2,3,4]
+                                          [--fullsize-pair GENERATING,NON_GENERATING] [--fullsize-seeds 0,1,2]
+                                          [key=value ...]
 
-Every part is a ``needsgen compare`` of ``fmnist_lt_cpu`` under ``run.out_dir`` (finished runs are reused,
-interrupted ones resumed: rerunning the command continues where it stopped, and once everything has run
-it only prints):
+Every part is a ``needsgen compare`` under ``run.out_dir`` (finished runs are reused, interrupted ones resumed,
+post-hoc variants continue their base run, and runs that differ only after the GAN's pre-training share one
+pre-trained GAN: rerunning the command continues where it stopped, and once everything has run it only prints):
 
-- ``if100``: imbalance factor 100 (folder ``fmnist_if100``): vanilla; its post-hoc logit adjustment and
-  cRT; vanilla with A (``vanilla_meta``: the head learned on the validation set, no generation);
-  sequential; end2end with the needs, equal and reciprocal allocators; end2end with A as a neck
-  (``model.meta=neck``), without hops (``train.hypergradient=first_order``), and with straight-through
-  keep-weights;
-- ``val50``: the same split with 50 validation images per class (A learns on the validation set
-  alone): vanilla, vanilla with A, end2end (folder ``fmnist_if100_val50``);
-- ``if20``: imbalance factor 20: vanilla, vanilla with A, cRT, end2end, end2end reciprocal;
-- ``gan``: GAN-train and GAN-test accuracies, FID and precision/coverage of the first seed's end2end
-  generator (``needsgen gan-metrics RUN --n 2000 --gan-train-epochs 10``) and its sample grid;
-- ``meta_lr``: A's learning rate 1e-4 instead of 1e-3, for vanilla with A and end2end at IF 100. An
-  exploratory row, not a selected result: the value was tried after seeing one test accuracy (seed 0
-  of vanilla with A), so it is reported as a sensitivity of the method to A's step size, not as a
-  tuned protocol.
+- ``if100``: ``fmnist_lt_cpu`` at imbalance factor 100 (folder ``fmnist_if100``): the non-generating
+  configurations (vanilla; its post-hoc logit adjustment and cRT; balanced softmax; LDAM-DRW; vanilla with
+  A learned on the validation set, ``vanilla_meta``), the generating ones (end2end and sequential, each
+  alone and with logit adjustment, cRT and balanced softmax stacked; end2end with the learned allocation;
+  end2end with the literal squared budget), and A's extensions against over-fitting the validation set
+  (weight decay 5e-4, validation plus class-balanced training batches) in vanilla_meta and end2end;
+- ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the A extensions and the squared budget;
+- ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100 (overall, per class,
+  on held-out pool images), FID and coverage (``gan_metrics.json``);
+- ``fullsize``: the best generating and the best non-generating variant of ``if100`` (``--fullsize-pair``,
+  chosen by the if100 table) on ``fmnist_lt_if100`` (ResNet-32, the whole long-tailed set) for the epochs
+  a CPU affords (``FULLSIZE``), ``--fullsize-seeds`` (folder ``fmnist_if100_full``).
 
-Each table gives mean ± std over seeds of the last epoch's test top-1 and Many/Medium/Few, and paired
-t-tests across seeds of every variant against vanilla and of end2end against every other variant.
+Each table gives mean ± std over seeds of the last epoch's test top-1 and Many/Medium/Few, and paired t-tests
+across seeds (scipy's ttest_rel, two-sided) against vanilla and against the best non-generating configuration
+(the one with the highest mean top-1). Every hyper-parameter was fixed before any of these runs (README).
 Prints the tables and writes them to ``<out_dir>/fmnist_lt_protocol.md``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-PARTS = ("if100", "val50", "if20", "gan", "meta_lr")
-IF100_MODES = ("vanilla,vanilla:posthoc=logit_adjust,vanilla:posthoc=crt,vanilla_meta,sequential,end2end,"
-               "end2end:allocator=equal,end2end:allocator=reciprocal,end2end:meta=neck,"
-               "end2end:hypergradient=first_order,end2end:keep_weights=straight_through")
-VAL50_MODES = "vanilla,vanilla_meta,end2end"
-IF20_MODES = "vanilla,vanilla_meta,vanilla:posthoc=crt,end2end,end2end:allocator=reciprocal"
-META_LR_MODES = "vanilla,vanilla_meta:meta_lr=0.0001,end2end:meta_lr=0.0001"
-GAN_IMAGES, GAN_TRAIN_EPOCHS = 2000, 10
+import numpy as np
 
-# Test accuracy (%) with the authors' own classifiers (28x28, the full long-tailed training set), as the paper reports them.
+PARTS = ("if100", "if20", "gan", "fullsize")
+NON_GENERATING = ("vanilla", "vanilla:posthoc=logit_adjust", "vanilla:posthoc=crt", "vanilla:loss=balanced_softmax",
+                  "vanilla:loss=ldam_drw", "vanilla_meta")
+GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", "end2end:loss=balanced_softmax",
+              "sequential", "sequential:posthoc=logit_adjust", "sequential:posthoc=crt",
+              "sequential:loss=balanced_softmax", "end2end:allocator=learned")
+EXTENSIONS = ("end2end:gen_budget=squared", "vanilla_meta:meta_weight_decay=0.0005",
+              "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
+              "end2end:meta_data=val_and_train")
+VARIANTS = {"if100": NON_GENERATING + GENERATING + EXTENSIONS, "if20": NON_GENERATING + GENERATING}
+FOLDERS = {"if100": "fmnist_if100", "if20": "fmnist_if20", "fullsize": "fmnist_if100_full"}
+IMBALANCE = {"if100": 100, "if20": 20, "fullsize": 100}
+# fmnist_lt_if100 at a CPU's budget: 15 epochs (decay at 12 and 14) instead of 100, and a VCGAN at 32x32
+FULLSIZE = ["train.epochs=15", "train.lr_milestones=[12,14]", "gan.generator=vcgan", "gan.z_dim=32",
+            "gan.gan_betas=[0.5,0.999]"]
+GAN_TRAIN_EPOCHS = 10  # GAN-train learns from as many generated images as the real training set has
+
+# Test accuracy (%) with the authors' own classifiers (28x28, the full long-tailed training set), as the paper
+# reports them.
 PUBLISHED = {100: {"plain classifier": 79.89, "adversarial generation": 83.06, "class-balanced loss": 83.77},
              20: {"plain classifier": 87.33, "adversarial generation": 89.03, "class-balanced loss": 89.97}}
 
 
 def _p(test: dict) -> str:
-    if test["p"] is None:
-        return test.get("note", "-")
-    return f"{test['p']:.3g}"
+    return test.get("note", "-") if test["p"] is None else f"{test['p']:.3g}"
 
 
-def result_table(summary: dict, results_top1: dict[str, list[float]], published: dict[str, float]) -> str:
-    """Our rows (top-1, Many/Medium/Few; end2end − variant and vanilla tests), then the published ones."""
+def best_of(names, top1: dict[str, list[float]]) -> str | None:
+    present = [n for n in names if n in top1]
+    return max(present, key=lambda n: np.mean(top1[n])) if present else None
+
+
+def result_table(summary: dict, published: dict[str, float]) -> tuple[str, dict[str, list[float]]]:
+    """Our rows (top-1, Many/Medium/Few; tests against vanilla and the best non-generating row), then the
+    published ones; and the per-seed top-1 of every row."""
     from experiments.compare import mean_std, paired_test
     from mlo.report import markdown_table
 
+    top1 = {row["variant"]: row["top1"] for row in summary["rows"]}
+    best = best_of(NON_GENERATING, top1)
     header = ["variant", "seeds", "Top-1 %", "Many %", "Medium %", "Few %", "vs vanilla: diff (p)",
-              "end2end − variant: diff (p)"]
+              f"vs best non-generating ({best}): diff (p)"]
     rows = []
     for row in summary["rows"]:
         name = row["variant"]
         cells = [name, str(row["seeds"]), *(mean_std(row[k], 100) for k in ("top1", "many", "medium", "few"))]
-        for a, b in ((name, "vanilla"), ("end2end", name)):
-            if a == b or a not in results_top1 or b not in results_top1:
+        for base in ("vanilla", best):
+            if base is None or name == base or base not in top1:
                 cells.append("")
                 continue
-            test = paired_test(results_top1[a], results_top1[b])
+            test = paired_test(top1[name], top1[base])
             cells.append(f"{test['mean_diff_pp']:+.2f} ({_p(test)})")
         rows.append(cells)
-    for name, top1 in published.items():
-        rows.append([f"published: {name}", "", f"{top1:.2f}", "", "", "", "", ""])
+    for name, value in published.items():
+        rows.append([f"published: {name}", "", f"{value:.2f}", "", "", "", "", ""])
+    return markdown_table(header, rows), top1
+
+
+def verdict(top1: dict[str, list[float]], generating=GENERATING) -> str:
+    """The best generating row against the best non-generating one, and end2end against sequential."""
+    from experiments.compare import paired_test
+
+    lines = []
+    gen, non = best_of(generating, top1), best_of(NON_GENERATING, top1)
+    if gen and non:
+        t = paired_test(top1[gen], top1[non])
+        lines.append(f"Best generating `{gen}` {100 * np.mean(top1[gen]):.2f} against best non-generating `{non}` "
+                     f"{100 * np.mean(top1[non]):.2f}: {t['mean_diff_pp']:+.2f} points (p = {_p(t)}, n = {t['n']}).")
+    for suffix in ("", ":posthoc=logit_adjust", ":posthoc=crt", ":loss=balanced_softmax"):
+        a, b = f"end2end{suffix}", f"sequential{suffix}"
+        if a in top1 and b in top1:
+            t = paired_test(top1[a], top1[b])
+            lines.append(f"`{a}` − `{b}` (the same expected budget M p_c): {t['mean_diff_pp']:+.2f} points "
+                         f"(p = {_p(t)}).")
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
+    """Per class, mean over seeds: real images, W2's generated weight per epoch and its change in test
+    accuracy against vanilla's, for end2end and sequential; with the generator's GAN-train per class."""
+    from mlo.report import markdown_table
+
+    def load(variant):
+        runs = [root / f"{variant}-seed{s}" / "metrics.json" for s in seeds]
+        return [json.loads(p.read_text()) for p in runs if p.is_file()]
+
+    vanilla = load("vanilla")
+    if not vanilla:
+        return ""
+    classes, counts = vanilla[0]["classes"], vanilla[0]["train_counts"]
+    base = np.mean([m["after"]["per_class_acc"] for m in vanilla], axis=0)
+    header, columns = ["class", "real images", "vanilla %"], []
+    for variant in ("end2end", "sequential"):
+        runs = load(variant)
+        if not runs:
+            continue
+        header += [f"{variant}: generated", f"{variant}: W2 − vanilla (pp)"]
+        columns.append((np.mean([m["generated_per_class"] for m in runs], axis=0),
+                        100 * (np.mean([m["after"]["per_class_acc"] for m in runs], axis=0) - base)))
+        if gan_train and variant in gan_train:
+            header.append(f"{variant}: GAN-train %")
+            columns.append((100 * np.array([gan_train[variant]["gan_train_per_class"][str(c)]
+                                            for c in range(len(classes))]),))
+    rows = []
+    for c, (name, n) in enumerate(zip(classes, counts)):
+        cells = [name, str(n), f"{100 * base[c]:.1f}"]
+        for column in columns:
+            cells += [f"{column[0][c]:.0f}" if len(column) == 2 else f"{column[0][c]:.1f}"] + (
+                [f"{column[1][c]:+.1f}"] if len(column) == 2 else [])
+        rows.append(cells)
     return markdown_table(header, rows)
 
 
-def gan_section(run_dir: Path, seed: int) -> str:
-    """The generator's GAN-train/GAN-test accuracies and feature metrics (gan_metrics.json, made if absent)."""
-    import json
-
+def gan_section(root: Path, seed: int) -> tuple[str, dict[str, dict]]:
+    """GAN-train (test, per class, held-out), GAN-test, FID and coverage of the end2end and sequential
+    generators of seed ``seed`` (gan_metrics.json, made if absent)."""
     from experiments.cli import restore_generator_run
     from experiments.gan_eval import GAN_METRICS, measure, write_gan_metrics
 
-    path = run_dir / GAN_METRICS
-    result = json.loads(path.read_text()) if path.is_file() else None
-    if result is None or result.get("gan_train_test", {}).get("epochs") != GAN_TRAIN_EPOCHS:
-        result = measure(restore_generator_run(run_dir, None), n=GAN_IMAGES, seed=seed, truncation=None,
-                         gan_train_epochs=GAN_TRAIN_EPOCHS)
-        write_gan_metrics(run_dir, result)
-    test, g = result["features"]["w1_encoder"]["test"], result["gan_train_test"]
-    return (f"Generator of `{run_dir.name}` (EMA), against {test['n_real']} real test images in its W1 encoder's "
-            f"features: FID {test['fid']:.1f}, precision {test['precision']:.2f}, recall {test['recall']:.2f}, "
-            f"coverage {test['coverage']:.2f}; GAN-train {100 * g['gan_train']:.1f}% (a classifier trained on "
-            f"generated images only, {GAN_TRAIN_EPOCHS} epochs, tested on real test images), GAN-test "
-            f"{100 * g['gan_test']:.1f}% (trained on the real training images, tested on generated ones). "
-            f"Samples, one row per class: `{run_dir / 'samples.png'}`.")
+    lines, scores = [], {}
+    for variant in ("end2end", "sequential"):
+        run_dir = root / f"{variant}-seed{seed}"
+        if not (run_dir / "metrics.json").is_file():
+            continue
+        path = run_dir / GAN_METRICS
+        result = json.loads(path.read_text()) if path.is_file() else None
+        if result is None or "gan_train_per_class" not in result.get("gan_train_test", {}):
+            run = restore_generator_run(run_dir, None)
+            result = measure(run, n=len(run.data.train_labels), seed=seed, truncation=None,
+                             gan_train_epochs=GAN_TRAIN_EPOCHS)
+            write_gan_metrics(run_dir, result)
+        test, g = result["features"]["w1_encoder"]["test"], result["gan_train_test"]
+        scores[variant] = g
+        held = f", on {g['holdout_images']} held-out pool images {100 * g['gan_train_holdout']:.1f}%" \
+            if "gan_train_holdout" in g else ""
+        lines.append(f"- `{run_dir.name}` (EMA generator, {test['n_real']} real test images): GAN-train "
+                     f"{100 * g['gan_train']:.1f}%{held} (a classifier trained on {test['n_generated']} generated "
+                     f"images only, {GAN_TRAIN_EPOCHS} epochs); per class "
+                     + " / ".join(f"{100 * v:.0f}" for v in g["gan_train_per_class"].values())
+                     + f"; GAN-test {100 * g['gan_test']:.1f}%; FID {test['fid']:.1f} (W1-encoder features), "
+                       f"precision {test['precision']:.2f}, coverage {test['coverage']:.2f}.")
+    return "\n".join(lines), scores
 
 
 def main(argv: list[str] | None = None) -> int:
     from experiments.cli import resolve_config_path
     from experiments.compare import compare, parse_seeds, parse_variants
     from mlo.config import load_config
+    from mlo.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m experiments.bench.fmnist_lt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts ({', '.join(PARTS)})")
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds (default 0,1,2,3,4)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every run (e.g. run.threads=1)")
+    parser.add_argument("--parts", default="if100,if20,gan",
+                        help=f"comma-separated parts ({', '.join(PARTS)}); default if100,if20,gan")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of if100 and if20 (default 0,1,2,3,4)")
+    parser.add_argument("--fullsize-pair", metavar="GENERATING,NON_GENERATING",
+                        help="fullsize: the two variants to run at full size")
+    parser.add_argument("--fullsize-seeds", default="0,1,2", help="seeds of fullsize (default 0,1,2)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides for every run (e.g. run.threads=1)")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown part(s) {', '.join(unknown)} (parts: {', '.join(PARTS)})")
+    if "fullsize" in parts and not args.fullsize_pair:
+        raise UserError("--parts fullsize: give --fullsize-pair GENERATING,NON_GENERATING (the best of each in if100)")
     seeds = parse_seeds(args.seeds)
     config = resolve_config_path("fmnist_lt_cpu")
     out_dir = Path(load_config(config, args.overrides).run.out_dir).expanduser()
     overrides = ["run.progress=false", *args.overrides]
-    settings = {"if100": (100, [], IF100_MODES, "fmnist_if100"),
-                "val50": (100, ["data.val_per_class=50"], VAL50_MODES, "fmnist_if100_val50"),
-                "if20": (20, [], IF20_MODES, "fmnist_if20"),
-                "meta_lr": (100, [], META_LR_MODES, "fmnist_if100")}
-    titles = {"val50": ", 50 validation images per class",
-              "meta_lr": ": A's learning rate 1e-4 (exploratory, chosen after seeing a test accuracy)"}
-    sections = []
+    sections, gan_scores = [], None
     for part in parts:
         if part == "gan":
-            sections.append(("The generator of the IF 100 protocol",
-                             gan_section(out_dir / "fmnist_if100" / f"end2end-seed{seeds[0]}", seeds[0])))
+            text, gan_scores = gan_section(out_dir / FOLDERS["if100"], seeds[0])
+            sections.append(("The generators of the IF 100 protocol", text))
             continue
-        imbalance, extra, modes, folder = settings[part]
-        variants = parse_variants(modes)
-        summary = compare(config, [*overrides, f"data.imbalance_factor={imbalance}", *extra], variants, seeds,
-                          out_dir / folder)
-        top1 = {row["variant"]: row["top1"] for row in summary["rows"]}
-        title = f"Fashion-MNIST-LT, IF {imbalance}" + titles.get(part, "")
-        sections.append((title, result_table(summary, top1, PUBLISHED[imbalance])))
+        imbalance = IMBALANCE[part]
+        if part == "fullsize":
+            variants, part_seeds = parse_variants(args.fullsize_pair), parse_seeds(args.fullsize_seeds)
+            part_config, part_overrides = resolve_config_path("fmnist_lt_if100"), [*overrides, *FULLSIZE]
+        else:
+            variants, part_seeds = parse_variants(",".join(VARIANTS[part])), seeds
+            part_config, part_overrides = config, [*overrides, f"data.imbalance_factor={imbalance}"]
+        summary = compare(part_config, part_overrides, variants, part_seeds, out_dir / FOLDERS[part])
+        table, top1 = result_table(summary, PUBLISHED[imbalance])
+        where = " at full size (fmnist_lt_if100, 15 epochs)" if part == "fullsize" else " (fmnist_lt_cpu)"
+        generating = [v.label for v in variants if v.label not in NON_GENERATING] if part == "fullsize" else GENERATING
+        body = table + "\n\n" + verdict(top1, generating=generating)
+        sections.append((f"Fashion-MNIST-LT, IF {imbalance}{where}", body))
+    if "if100" in parts:
+        analysis = per_class_analysis(out_dir / FOLDERS["if100"], seeds, gan_scores)
+        if analysis:
+            sections.append(("Per class at IF 100: where the generated images go and what they change", analysis))
     text = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections) + "\n"
     (out_dir / "fmnist_lt_protocol.md").write_text(text)
     print(text)

@@ -7,7 +7,8 @@ Each candidate is the config's run (``train.mode`` included, since H reads A in 
 with its overrides; only its GAN pre-training phase runs, through ``run.gan_cache``
 (``<out_dir>/gan_quality/gan_cache``), so a comparison given the same cache folder starts from these GANs
 instead of pre-training them again. Then a classifier of the run's encoder is trained ``--epochs`` epochs on
-``--images`` images of the EMA generator (classes as in the test set) and scored:
+``--images`` images of the EMA generator (as many as the real training set by default; classes as in the
+test set) and scored:
 
 - on the held-out images, the part of the training pool the long-tail cut leaves out (up to 300 a class):
   neither training nor test data, so choosing a generator by this score does not look at the test set;
@@ -40,7 +41,7 @@ def parse_candidates(text: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def pretrain_and_score(cfg, images: int, epochs: int) -> dict:
+def pretrain_and_score(cfg, images: int | None, epochs: int) -> dict:
     """The GAN pre-training of ``cfg``'s run alone (shared through run.gan_cache), then GAN-train."""
     import numpy as np
     import torch
@@ -58,9 +59,9 @@ def pretrain_and_score(cfg, images: int, epochs: int) -> dict:
     Trainer(run.engine, phase, progress=cfg.run.progress).run()
     seconds = time.perf_counter() - start
     d, t, seed = run.data, cfg.train, cfg.run.seed
-    idx = np.sort(np.random.default_rng(derive_seed(seed, 1)).choice(len(d.test_labels), min(images, len(d.test_labels)),
-                                                                    replace=False))
-    labels = np.asarray(d.test_labels)[idx]
+    images = images or len(d.train_labels)
+    idx = np.random.default_rng(derive_seed(seed, 1)).choice(len(d.test_labels), images, replace=images > len(d.test_labels))
+    labels = np.asarray(d.test_labels)[np.sort(idx)]  # the test set's classes (balanced)
     fake = to_uint8(generate(ema_generator(run), torch.from_numpy(labels), derive_seed(seed, 2), run.device, None))
     holdout = None if d.holdout_images is None else (d.holdout_images, d.holdout_labels)
     scores = gan_train_test(lambda: run.ctx.classifier("w1", standalone=True), (d.train_images, d.train_labels),
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]")
     parser.add_argument("--candidates", required=True, help="NAME=key=value+key=value, comma-separated")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    parser.add_argument("--images", type=int, default=2000, help="generated images GAN-train learns from (default 2000)")
+    parser.add_argument("--images", type=int, help="generated images GAN-train learns from (default: as many as the "
+                                                   "real training set has, GAN-train's usual protocol)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of GAN-train's classifier (default 10)")
     args = parser.parse_args(argv)
     config_arg, overrides = split_args(args.items)
@@ -98,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for (name, seed), cfg in configs.items():
         out = root / f"{name}-seed{seed}.json"
-        if out.is_file():
-            result = json.loads(out.read_text())
-        else:
+        result = json.loads(out.read_text()) if out.is_file() else None
+        if result is not None and (result["images"], result["epochs"]) != (
+                args.images or sum(result["train_counts"]), args.epochs):
+            result = None  # scored another way: score again (the pre-trained GAN comes from the cache)
+        if result is None:
             print(f"{name}, seed {seed}: pre-training {cfg.gan.gan_pretrain_steps} steps", file=sys.stderr)
             result = {"candidate": name, "seed": seed, "overrides": dict(c.split("=", 1) for c in dict(candidates)[name]),
                       **pretrain_and_score(cfg, args.images, args.epochs)}

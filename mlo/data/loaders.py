@@ -18,6 +18,8 @@ pinned memory, asynchronously, so cutting a batch never waits for the device.
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -30,6 +32,11 @@ ImageSet = torch.Tensor | ImageFiles  # uint8 (N, C, H, W) in memory, or files d
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from a tuple of integers (stable across runs and platforms)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """The seed of the random stream called ``name`` in a run seeded ``seed``: streams need no table of numbers."""
+    return derive_seed(seed, zlib.crc32(name.encode()))
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -103,6 +110,8 @@ class _IndexLoader:
         self.with_indices = with_indices  # batches are (x, y, indices into the set) instead of (x, y)
         self.epoch = 0
         self.position = 0
+        self._decoder: DataLoader | None = None  # file-backed sets: one DataLoader for every epoch
+        self._items = _Items()                   # what it decodes next, set per epoch
 
     def batch_indices(self, epoch: int) -> list[torch.Tensor]:
         """The global batches of ``epoch`` (every process's share)."""
@@ -140,9 +149,11 @@ class _IndexLoader:
         for b in range(start, len(batches)):
             seeds = torch.randint(0, 2 ** 62, (len(batches[b]),), generator=seeded_generator(self.seed, self.epoch, b, 1))
             items.append(list(zip(batches[b][self.share].tolist(), seeds[self.share].tolist())))
-        loader = DataLoader(self.images, batch_sampler=items, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda")
-        for b, x in enumerate(loader, start=start):
+        self._items.batches = items
+        if self._decoder is None:  # its worker processes stay up between epochs, not forked for each one
+            self._decoder = DataLoader(self.images, batch_sampler=self._items, num_workers=self.workers,
+                                       pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0)
+        for b, x in enumerate(self._decoder, start=start):
             x = to_float(x.to(self.device, non_blocking=True)).contiguous(memory_format=self.memory_format)
             yield self._batch(x, to_device(batches[b][self.share], self.device))
 
@@ -154,6 +165,19 @@ class _IndexLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class _Items:
+    """A DataLoader's batch sampler whose batches change per epoch (a persistent DataLoader keeps its sampler)."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class TensorLoader(_IndexLoader):

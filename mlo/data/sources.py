@@ -211,7 +211,9 @@ def cifar100(root: Path, cfg) -> ImageData:
     return _cifar(root, cfg, hundred=True)
 
 
-SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_PER_CLASS, SYNTHETIC_TEST_PER_CLASS = 10, 5000, 1000
+def _random_images(classes: int, per_class: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    x = torch.randint(0, 256, (classes * per_class, 3, size, size), dtype=torch.uint8, generator=gen)
+    return x, np.repeat(np.arange(classes, dtype=np.int64), per_class)
 
 
 @register_source("synthetic", reads_files=False)
@@ -219,13 +221,18 @@ def synthetic(root: Path, cfg) -> ImageData:
     """Random RGB images in CIFAR-10's shapes (10 classes, 5,000 training and 1,000 test images
     per class, 32x32 or ``data.image_size``), drawn from ``data.split_seed``: for timing runs where
     the real files are absent. There is nothing to learn in them; accuracies are chance."""
-    size = cfg.image_size or 32
     gen = torch.Generator().manual_seed(cfg.split_seed)
+    size = cfg.image_size or 32
+    return ImageData(*_random_images(10, 5000, size, gen), *_random_images(10, 1000, size, gen),
+                     [f"synthetic{c}" for c in range(10)])
 
-    def images(per_class: int) -> tuple[torch.Tensor, np.ndarray]:
-        n = per_class * SYNTHETIC_CLASSES
-        x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
-        return x, np.repeat(np.arange(SYNTHETIC_CLASSES, dtype=np.int64), per_class)
 
-    train, test = images(SYNTHETIC_TRAIN_PER_CLASS), images(SYNTHETIC_TEST_PER_CLASS)
-    return ImageData(*train, *test, [f"synthetic{c}" for c in range(SYNTHETIC_CLASSES)])
+@register_source("synthetic_imagenet", reads_files=False)
+def synthetic_imagenet(root: Path, cfg) -> ImageData:
+    """Random RGB images in ImageNet-LT's shapes for memory and speed checks on a GPU: 1,000 classes at
+    128x128 (or ``data.image_size``), 12 training-pool and 2 test images per class (the long tail is cut from
+    the pool as for any in-memory source). Accuracies are chance."""
+    gen = torch.Generator().manual_seed(cfg.split_seed)
+    size = cfg.image_size or 128
+    return ImageData(*_random_images(1000, 12, size, gen), *_random_images(1000, 2, size, gen),
+                     [f"synthetic{c}" for c in range(1000)])

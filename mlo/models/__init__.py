@@ -1,4 +1,5 @@
 """Encoders, the meta block A, heads and GANs, registered by name."""
+import mlo.torch_version  # noqa: F401  (refuses a torch older than the project needs)
 from mlo.models.registry import create_model, list_models, register_family, register_model, unknown_model
 from mlo.models import encoders as _encoders, nas as _nas  # noqa: F401  (registers the encoders)
 from mlo.models.gan import acgan as _acgan, biggan as _biggan, dcgan as _dcgan, light as _light  # noqa: F401  (registers the GANs)

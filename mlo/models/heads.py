@@ -97,6 +97,25 @@ class MetaNeck(nn.Module):
     forward = features
 
 
+class TiedEncoder(nn.Module):
+    """A network's encoder when W1, W2 and H share one (parameter tying) and A is the shared head: the
+    shared encoder, then a layer of the network's own, ``activation(Linear(d, d))``. Without it W1 and W2
+    would be one network (the same encoder under the same A): "before" equal to "after", and every
+    hypergradient path through W2 empty. It is the paper's tying (Section 3.2: a shared encoder, different
+    heads) read with A as the shared last two layers (Section 4.1): the networks differ in the layer
+    between the two, and still share the encoder that holds nearly all parameters and compute."""
+
+    def __init__(self, shared: nn.Module, activation: str = "relu"):
+        super().__init__()
+        self.shared = shared
+        self.out_dim = shared.out_dim
+        self.own = nn.Linear(self.out_dim, self.out_dim)
+        self.activation = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.own(self.shared(x)))
+
+
 def create_meta(form: str, dim: int, num_classes: int, streams: tuple[str, ...], activation: str,
                 head: str = "linear", spinal: tuple[int, int] = (32, 4), nodes: int = 4) -> nn.Module:
     """A module of A's shape: ``form`` is ``model.meta`` (head, neck or arch); a head-form A with

@@ -20,6 +20,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mlo.hypergradient import twice_differentiable
+
 Discriminator = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
 
@@ -75,7 +77,8 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     x = torch.lerp(fake, real, mix.view(-1, *[1] * (real.dim() - 1)))
     if not x.requires_grad:
         x.requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
+    with twice_differentiable():  # a ViT critic: attention on the backend that can be differentiated twice
+        (grad,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
     norm = grad.flatten(1).pow(2).sum(1).add(1e-12).sqrt()  # the offset keeps the backward finite at 0
     return (norm - 1.0).pow(2).mean()
 
@@ -169,10 +172,10 @@ def cheap_features(images: torch.Tensor, side: int = 8) -> torch.Tensor:
 def k_center(features: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of ``k`` rows chosen by greedy k-center (Sener & Savarese): the first row, then
     repeatedly the row farthest from those chosen. Deterministic given the rows."""
-    chosen = [0]
+    k = min(k, features.shape[0])
+    chosen = torch.zeros(k, dtype=torch.long, device=features.device)
     distance = (features - features[0]).norm(dim=1)
-    for _ in range(min(k, features.shape[0]) - 1):
-        nxt = int(distance.argmax())
-        chosen.append(nxt)
-        distance = torch.minimum(distance, (features - features[nxt]).norm(dim=1))
-    return torch.tensor(chosen, device=features.device)
+    for i in range(1, k):  # the choices stay on the device: no wait for it per chosen row
+        chosen[i] = distance.argmax()
+        distance = torch.minimum(distance, (features - features.index_select(0, chosen[i:i + 1])).norm(dim=1))
+    return chosen
