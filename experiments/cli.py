@@ -2,53 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from importlib import resources
 from pathlib import Path
 
-from experiments.modes import MODES
-from mlo.config import Config, config_diff, from_dict, help_text, load_config, parse_override, resolve_key, validate
-from mlo.errors import ConfigError, UserError
-
-DEFAULT_CONFIG = "digits_lt"
-
-
-def shipped_configs() -> dict[str, Path]:
-    folder = resources.files("experiments") / "configs"
-    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
-
-
-def resolve_config_path(name: str | None) -> Path:
-    """A file path, or the name of a config shipped in experiments/configs (with or without .yaml)."""
-    name = name or DEFAULT_CONFIG
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = shipped_configs()
-    key = path.name.removesuffix(".yaml")
-    if key in shipped and path.parent == Path("."):
-        return shipped[key]
-    hint = ""
-    try:
-        resolve_key(name)
-        hint = f"; '{name}' is a config key: give it a value, {name}=VALUE"
-    except ConfigError:
-        pass
-    raise UserError(f"config '{name}' is neither a file nor a shipped config ({', '.join(sorted(shipped))}){hint}")
-
-
-def split_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG] key=value ...`` → (config, overrides)."""
-    config = None
-    overrides = []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif config is None:
-            config = item
-        else:
-            raise UserError(f"unexpected argument '{item}': give one config and key=value overrides")
-    return config, overrides
+from experiments.config_files import (CHECKPOINT, CONFIG, DEFAULT_CONFIG, METRICS, RESUMABLE_CHANGES, check_run_config,
+                                      load_run_config, read_run_config, resolve_config_path, shipped_configs,
+                                      split_args)
+from experiments.registry import registered_modes
+from mlo.config import Config, config_diff, from_dict, help_text, parse_override, read_config
+from mlo.errors import UserError
 
 
 def print_table(run, metrics: dict) -> None:
@@ -68,27 +31,17 @@ def print_table(run, metrics: dict) -> None:
     print(line)
 
 
-def read_run_config(run_dir: Path) -> Config:
-    import yaml
-    from experiments.runner import CONFIG
-
-    path = run_dir / CONFIG
-    if not path.is_file():
-        raise UserError(f"'{run_dir}' is not a run directory (no {CONFIG}); give a folder that needsgen run created")
-    return from_dict(yaml.safe_load(path.read_text()), source=str(path))
-
-
 def cmd_run(args) -> int:
     config_arg, overrides = split_args(args.items)
     if args.resume:
         return resume_run(Path(args.resume), config_arg, overrides)
     path = resolve_config_path(config_arg)
-    cfg = load_config(path, overrides)
+    cfg = load_run_config(path, overrides)
     from experiments.runner import Run, prepare_run_dir  # torch: after the command line and config are read
 
     run = Run(cfg)
     name = path.name.removesuffix(".yaml")
-    if cfg.data.dataset != load_config(path).data.dataset:  # overridden: the run directory says on what it ran
+    if cfg.data.dataset != read_config(path).data.dataset:  # overridden: the run directory says on what it ran
         name += f"-{cfg.data.dataset}"
     run_dir = on_rank_zero(run, lambda: prepare_run_dir(cfg, name))
     if run.processes.main:
@@ -114,22 +67,19 @@ def on_rank_zero(run, fn):
 
 def resume_run(run_dir: Path, config_arg: str | None, overrides: list[str]) -> int:
     """Continue a run; the config may differ only in settings that do not change the run."""
-    from experiments.runner import CHECKPOINT, METRICS, RESUMABLE_CHANGES, Run
-    from mlo.checkpoint import existing_checkpoint
-
     saved = read_run_config(run_dir)
     if config_arg:
-        requested = load_config(resolve_config_path(config_arg), overrides)
+        requested = load_run_config(resolve_config_path(config_arg), overrides)
     else:
-        requested = from_dict(saved.to_dict())
-        for text in overrides:
-            requested.set(*parse_override(text))
-        validate(requested)
+        requested = check_run_config(from_dict(saved.to_dict(), overrides=[parse_override(o) for o in overrides]))
     diff = config_diff(saved, requested, ignore=RESUMABLE_CHANGES)
     if diff:
         raise UserError(f"cannot resume '{run_dir}' with a different config: {'; '.join(diff)}")
     if (run_dir / METRICS).is_file():
         raise UserError(f"'{run_dir}' already finished ({METRICS} exists); start a new run instead")
+    from experiments.runner import Run  # torch: after the arguments are checked
+    from mlo.checkpoint import existing_checkpoint
+
     run = Run(requested)
     has_checkpoint = existing_checkpoint(run_dir / CHECKPOINT) is not None
     if run.processes.main:
@@ -164,15 +114,12 @@ def train_and_report(run, run_dir: Path, resume: bool) -> int:
 
 def run_config(run_dir: Path, device: str | None) -> Config:
     """The resolved config of a run directory that has a checkpoint, optionally on another device."""
-    from experiments.runner import CHECKPOINT, CONFIG
-
     if not (run_dir / CONFIG).is_file() or not (run_dir / CHECKPOINT).is_file():
         raise UserError(f"'{run_dir}' is not a run directory with a checkpoint ({CONFIG}, {CHECKPOINT})")
     cfg = read_run_config(run_dir)
     if device:
         cfg.set("run.device", device)
-    validate(cfg)
-    return cfg
+    return check_run_config(cfg)
 
 
 def restore_run(run_dir: Path, cfg: Config):
@@ -255,12 +202,9 @@ def cmd_gan_metrics(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from experiments.compare import (compare, is_posthoc_override, parse_seeds, parse_variants, searched_variants,
-                                     shared_config)
-    from mlo.distributed import Processes
-    from mlo.errors import TrainingStopped
+    from experiments.variants import is_posthoc_override, parse_seeds, parse_variants, searched_variants
 
-    if Processes.from_environ().distributed:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("needsgen compare runs its runs one after another in one process; start it without "
                         "torchrun (a single run can use torchrun: torchrun ... -m experiments.cli run ...)")
     if (args.modes is None) == (args.genotypes_of is None):
@@ -278,12 +222,16 @@ def cmd_compare(args) -> int:
         if is_posthoc_override(o):
             raise UserError(f"{o.split('=', 1)[0]}: give a post-hoc correction per variant (--modes end2end:{o}), "
                             f"so that compare starts it from the finished run of the variant without it")
+    read_config(path, overrides)  # the plugins it names register their modes before the variants are read
     if args.genotypes_of:
         variants = searched_variants(Path(args.genotypes_of).expanduser(), seeds)
         default_name = f"{Path(args.genotypes_of).name}-evaluated"
     else:
         variants = parse_variants(args.modes)
         default_name = f"compare-{path.name.removesuffix('.yaml')}"
+    from experiments.compare import compare, shared_config  # torch: after the arguments are checked
+    from mlo.errors import TrainingStopped
+
     cfg = shared_config(path, overrides, variants, seeds)  # checked before anything runs
     root = Path(cfg.run.out_dir).expanduser() / (args.name or default_name)
     try:
@@ -372,7 +320,7 @@ def build_parser(run_help: Config | None = None) -> argparse.ArgumentParser:
         epilog="A variant is a mode, optionally with overrides: mode:key=value+key=value, e.g.\n"
                "  needsgen compare fmnist_lt_cpu --modes vanilla,sequential,end2end,end2end:allocator=equal "
                "--seeds 0,1,2\n"
-               f"Modes: {', '.join(MODES)}.\n\n"
+               f"Modes: {', '.join(m.name for m in registered_modes())}.\n\n"
                "An architecture search's comparison (model.meta=arch) is evaluated by a second one, each variant's\n"
                "genotype of each seed trained from scratch by an evaluation config:\n"
                "  needsgen compare fmnist_search_cpu --modes vanilla_meta,end2end --seeds 0,1,2 --name nas-cpu\n"
@@ -397,7 +345,7 @@ def help_config(argv: list[str]) -> Config | None:
     if argv[:1] != ["run"] or not {"-h", "--help"} & set(argv):
         return None
     config_arg, overrides = split_args([a for a in argv[1:] if not a.startswith("-")])
-    return load_config(resolve_config_path(config_arg), overrides)
+    return load_run_config(resolve_config_path(config_arg), overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """``needsgen compare``: several modes or settings, several seeds, one data split, one table.
 
-A variant is a mode with optional overrides, written ``mode`` or ``mode:key=value+key=value``
-(``end2end:allocator=equal``). Every (variant, seed) is an ordinary run directory under the
+A variant (``experiments.variants``) is a mode with optional overrides, written ``mode`` or
+``mode:key=value+key=value`` (``end2end:allocator=equal``). Every (variant, seed) is an ordinary run directory under the
 comparison's folder: finished runs are reused, interrupted ones resumed, so rerunning the same
 command continues a comparison. The summary reports mean ± std over seeds of the last epoch's
 test metrics and paired tests across seeds against ``vanilla``, ``vanilla_meta`` and ``sequential``.
@@ -15,9 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,102 +23,20 @@ import yaml
 from scipy import stats
 
 from mlo.checkpoint import atomic_write, existing_checkpoint
-from mlo.config import config_diff, from_dict, load_config, resolve_key
+from mlo.config import config_diff, from_dict
 from mlo.data import SHOT_RULE
 from mlo.errors import ConfigError, UserError
 from mlo.report import markdown_table
-from experiments.modes import MODES, resolve_mode
-from experiments.runner import CHECKPOINT, CONFIG, METRICS, POSTHOC_SETTINGS, RESUMABLE_CHANGES, Run, prepare_run_dir
+from experiments.config_files import CHECKPOINT, CONFIG, METRICS, RESUMABLE_CHANGES, load_run_config
+from experiments.modes import resolve_mode
+from experiments.runner import Run, prepare_run_dir
+from experiments.variants import Variant, base_variant
 
 METRIC_COLUMNS = [("top1", "Top-1 %", 100), ("top5", "Top-5 %", 100), ("many", "Many %", 100), ("medium", "Medium %", 100),
                   ("few", "Few %", 100), ("ece", "ECE", 1), ("per_class_std", "per-class std %", 100),
                   ("wall_time_s", "time / run (s)", 1)]
 BASELINES = ("vanilla", "vanilla_meta", "sequential")  # vanilla_meta with model.meta=arch is PC-DARTS
-GENOTYPE = "genotype.json"
 GAN_CACHE = "gan_cache"  # pre-trained GANs shared by the comparison's runs (run.gan_cache)
-
-
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    overrides: tuple[str, ...]
-    searched_in: Path | None = None   # evaluation of a search comparison: where each seed's genotype is
-
-    def seed_overrides(self, seed: int) -> tuple[str, ...]:
-        return (f"arch.genotype={self.genotype(seed)}",) if self.searched_in else ()
-
-    def genotype(self, seed: int) -> Path:
-        return self.searched_in / f"{self.folder}-seed{seed}" / GENOTYPE
-
-    @property
-    def folder(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace("=", "-"))
-
-
-def is_posthoc_override(text: str) -> bool:
-    """Whether a ``key=value`` override sets one of the settings that act only after training."""
-    key = text.split("=", 1)[0]
-    try:
-        return ".".join(resolve_key(key)) in POSTHOC_SETTINGS
-    except ConfigError:
-        return False
-
-
-def base_variant(variant: Variant) -> Variant | None:
-    """The variant without its post-hoc correction (``end2end`` for ``end2end:posthoc=crt``), whose finished
-    runs a run of ``variant`` continues; None for a variant without one."""
-    mode, _, rest = variant.label.partition(":")
-    extras = [o for o in rest.split("+") if o]
-    kept = [o for o in extras if not is_posthoc_override(o)]
-    if len(kept) == len(extras) or variant.searched_in:
-        return None
-    return Variant(mode + (":" + "+".join(kept) if kept else ""), (f"train.mode={mode}",) + tuple(kept))
-
-
-def parse_variants(text: str) -> list[Variant]:
-    variants = []
-    for spec in (s.strip() for s in text.split(",")):
-        if not spec:
-            continue
-        mode, _, rest = spec.partition(":")
-        if mode not in MODES:
-            raise ConfigError(f"--modes: unknown mode '{mode}' in '{spec}' (modes: {', '.join(MODES)})")
-        extra = tuple(o for o in rest.split("+") if o)
-        for o in extra:
-            if "=" not in o:
-                raise ConfigError(f"--modes: '{o}' in '{spec}' is not key=value (write mode:key=value+key=value)")
-        variants.append(Variant(spec, (f"train.mode={mode}",) + extra))
-    labels = [v.label for v in variants]
-    if not variants or len(set(labels)) != len(labels):
-        raise ConfigError(f"--modes: give distinct variants, e.g. vanilla,sequential,end2end (got '{text}')")
-    return variants
-
-
-def searched_variants(search_root: Path, seeds: list[int]) -> list[Variant]:
-    """The variants of a finished search comparison, each to be evaluated from its runs' genotypes
-    (all of which must exist: nothing trains before that is checked)."""
-    table = search_root / "compare.csv"
-    if not table.is_file():
-        raise UserError(f"--genotypes-of: '{search_root}' has no compare.csv; finish the search comparison "
-                        f"first (needsgen compare <search config> --modes ... --name {search_root.name})")
-    with table.open(newline="") as f:
-        variants = [Variant(row["variant"], ("train.mode=vanilla",), searched_in=search_root) for row in csv.DictReader(f)]
-    for v in variants:
-        for seed in seeds:
-            if not v.genotype(seed).is_file():
-                raise UserError(f"--genotypes-of: '{v.genotype(seed)}' is missing; finish that search run "
-                                f"(rerun the search comparison with --seeds {seed}) or leave seed {seed} out")
-    return variants
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds: expected comma-separated integers, got '{text}'") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"--seeds: expected distinct non-negative integers, got '{text}'")
-    return seeds
 
 
 def run_variant(config_path: Path | None, overrides: list[str], variant: Variant, seed: int, root: Path,
@@ -128,7 +44,7 @@ def run_variant(config_path: Path | None, overrides: list[str], variant: Variant
     """Train (or reuse, or resume) one run of the comparison; its metrics. A variant with a post-hoc
     correction continues the finished run of the variant without it (trained first if need be)."""
     name = f"{variant.folder}-seed{seed}"
-    cfg = load_config(config_path, [f"run.gan_cache={root / GAN_CACHE}", *overrides, *variant.overrides,
+    cfg = load_run_config(config_path, [f"run.gan_cache={root / GAN_CACHE}", *overrides, *variant.overrides,
                                     *variant.seed_overrides(seed), f"run.seed={seed}", f"run.name={name}",
                                     f"run.out_dir={root}"])
     run_dir = root / name
@@ -319,7 +235,7 @@ def write_outputs(root: Path, variants: list[Variant], seeds: list[int], results
 def shared_config(config_path: Path | None, overrides: list[str], variants: list[Variant], seeds: list[int]):
     """The settings every run shares, checked; an evaluation of searched genotypes reads the first one."""
     first = variants[0]
-    return load_config(config_path, [*overrides, *first.overrides, *first.seed_overrides(seeds[0])]
+    return load_run_config(config_path, [*overrides, *first.overrides, *first.seed_overrides(seeds[0])]
                        if first.searched_in else overrides)
 
 
@@ -329,7 +245,7 @@ def check_variants(config_path: Path | None, overrides: list[str], variants: lis
     for v in variants:
         for seed in seeds if v.searched_in else seeds[:1]:
             try:
-                resolve_mode(load_config(config_path, [*overrides, *v.overrides, *v.seed_overrides(seed)]))
+                resolve_mode(load_run_config(config_path, [*overrides, *v.overrides, *v.seed_overrides(seed)]))
             except ConfigError as exc:
                 flag = "--genotypes-of" if v.searched_in else "--modes"
                 raise ConfigError(f"{flag}: variant '{v.label}': {exc}") from None

@@ -1,7 +1,8 @@
 """Build a mode's levels from the config: modules, optimizers, loaders, then the Betty problems.
 
-``LEVEL_BUILDERS`` maps a level kind to a function of the ``BuildContext``; a mode lists its levels
-and, where a level is not of the kind of its name, which kind it is.
+Every built-in level kind registers its builder here with ``register_level`` (``experiments.registry``), the
+way a user's plugin registers its own: ``builder(ctx, name)`` gets the ``BuildContext`` and the level's name.
+A mode lists its levels and, where a level is not of the kind of its name, which kind it is.
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ from mlo.models.gan.diffaugment import parse_policy
 from mlo.models.gan.losses import ADVERSARIAL_LOSSES, GANObjective
 from mlo.models.gan.sampling import LearnedTruncation
 from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, AllocationProblem, ClassifierProblem,
-                      DiscriminatorProblem, GeneratorProblem, MetaProblem, RefinedClassifierProblem,
+                      DiscriminatorProblem, GeneratorProblem, LevelProblem, MetaProblem, RefinedClassifierProblem,
                       RetrainedHeadProblem, TruncationProblem, level_config)
 from problems.base import unwrap
 from problems.multitask import MultiTaskGeneratorProblem
 from problems.mwn import MetaWeightedClassifierProblem, WeightingNetProblem
 from problems.sequential import PregeneratedClassifierProblem
 from experiments.modes import Mode
+from experiments.registry import level_builder, register_level
 
 STREAMS = ("w1", "w2", "disc")  # networks that read A (a neck-form A keeps BN statistics per stream)
 ARCH_DISCRIMINATORS = ("biggan", "acgan", "wacgan_gp")  # discriminators whose body can be a supernet
@@ -232,8 +234,15 @@ class BuildContext:
                 "num_classes": self.num_classes, **self.common(name)}
 
     def common(self, name: str) -> dict:
+        """What every level's problem takes (``LevelProblem``): the run's seed (its noise stream is named after
+        the level), the lower levels it waits for, how often it steps, and, with tied encoders, what it borrows."""
         ready_on = list(self.mode.ready_on[name]) if name in self.mode.ready_on else None
-        return {"seed": self.cfg.run.seed, "ready_on": ready_on, **self.tying(name)}
+        return {"seed": self.cfg.run.seed, "ready_on": ready_on, "every": self.mode.every.get(name, 1),
+                **self.tying(name)}
+
+    def settings(self, kind: str):
+        """The settings of level kind ``kind`` (the config section ``levels.<kind>``)."""
+        return self.cfg.levels[kind]
 
     def tying(self, name: str) -> dict:
         """With tied encoders, the level that owns the shared encoder (W1, or W2 in a mode without W1) steps
@@ -276,53 +285,59 @@ class BuildContext:
                            "data.val_batch_size")
 
 
-def build_w1(ctx: BuildContext) -> ClassifierProblem:
-    module = ctx.classifier("w1")
+@register_level("w1")
+def build_w1(ctx: BuildContext, name: str) -> ClassifierProblem:
+    module = ctx.classifier(name)
     optimizer = ctx.classifier_optimizer(module)
-    return ClassifierProblem("w1", ctx.level_config("w1"), module, optimizer, ctx.classifier_scheduler(optimizer),
-                             ctx.train_loader("w1 batches"), **ctx.classifier_settings("w1"))
+    return ClassifierProblem(name, ctx.level_config(name), module, optimizer, ctx.classifier_scheduler(optimizer),
+                             ctx.train_loader(f"{name} batches"), **ctx.classifier_settings(name))
 
 
-def build_w2(ctx: BuildContext) -> RefinedClassifierProblem:
+@register_level("w2")
+def build_w2(ctx: BuildContext, name: str) -> RefinedClassifierProblem:
     t = ctx.cfg.train
-    module = ctx.classifier("w2")
+    module = ctx.classifier(name)
     optimizer = ctx.classifier_optimizer(module)
     return RefinedClassifierProblem(
-        "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader("w2 batches"), ctx.val_loader("w2 validation batches", with_indices=True)),
+        name, ctx.level_config(name), module, optimizer, ctx.classifier_scheduler(optimizer),
+        (ctx.train_loader(f"{name} batches"), ctx.val_loader(f"{name} validation batches", with_indices=True)),
         allocator=ctx.allocator, keep_form=t.keep_weights, budget=t.gen_budget,
         train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step, gen_per_epoch=ctx.gen_per_epoch,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
         truncation=None if ctx.cfg.gan.learn_truncation else ctx.cfg.gan.truncation,
-        decov_weight=t.decov_weight, **ctx.classifier_settings("w2"))
+        decov_weight=t.decov_weight, **ctx.classifier_settings(name))
 
 
-def build_w2_pregenerated(ctx: BuildContext) -> PregeneratedClassifierProblem:
-    module = ctx.classifier("w2")
+@register_level("w2_pregenerated")
+def build_w2_pregenerated(ctx: BuildContext, name: str) -> PregeneratedClassifierProblem:
+    module = ctx.classifier(name)
     optimizer = ctx.classifier_optimizer(module)
     # the second loader is replaced by the generated set when W2's phase starts
     return PregeneratedClassifierProblem(
-        "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer),
-        (ctx.train_loader("w2 batches"), ctx.train_loader("sequential generated batches")), lambda_gen=ctx.cfg.train.lambda_gen,
-        gen_per_step=ctx.gen_per_step, train_counts=ctx.data.train_counts, **ctx.classifier_settings("w2"))
+        name, ctx.level_config(name), module, optimizer, ctx.classifier_scheduler(optimizer),
+        (ctx.train_loader(f"{name} batches"), ctx.train_loader("sequential generated batches")),
+        lambda_gen=ctx.cfg.train.lambda_gen, gen_per_step=ctx.gen_per_step, train_counts=ctx.data.train_counts,
+        **ctx.classifier_settings(name))
 
 
-def build_crt(ctx: BuildContext) -> RetrainedHeadProblem:
+@register_level("crt")
+def build_crt(ctx: BuildContext, name: str) -> RetrainedHeadProblem:
     """cRT: the encoder of the classifier the mode reports (frozen) under a fresh A-shaped head, trained
     on the real training images with class-balanced sampling."""
     encoder = unwrap(ctx.levels[ctx.mode.retrains].module).encoder
-    module = Classifier(encoder, "crt", meta=ctx.create_meta(("crt",)), own_head=ctx.own_head())
-    head = [p for name, p in module.named_parameters() if not name.startswith("encoder.")]
+    module = Classifier(encoder, name, meta=ctx.create_meta((name,)), own_head=ctx.own_head())
+    head = [p for key, p in module.named_parameters() if not key.startswith("encoder.")]
     optimizer = ctx.classifier_optimizer(nn.ParameterList(head))
-    return RetrainedHeadProblem("crt", ctx.level_config("crt"), module, optimizer, ctx.classifier_scheduler(optimizer),
-                                ctx.class_balanced_batches("crt batches", ctx.cfg.train.batch_size),
-                                **ctx.classifier_settings("crt"))
+    return RetrainedHeadProblem(name, ctx.level_config(name), module, optimizer, ctx.classifier_scheduler(optimizer),
+                                ctx.class_balanced_batches(f"{name} batches", ctx.cfg.train.batch_size),
+                                **ctx.classifier_settings(name))
 
 
-def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> DiscriminatorProblem:
+@register_level("disc")
+def build_disc(ctx: BuildContext, name: str, objective: GANObjective | None = None) -> DiscriminatorProblem:
     objective = objective or ctx.gan.objective
     if objective.gp_weight and ctx.cfg.train.hypergradient == "exact" and any(
-            "disc" in lowers for lowers in ctx.mode.u2l.values()) and has_batch_norm(
+            name in lowers for lowers in ctx.mode.u2l.values()) and has_batch_norm(
             ctx.gan.discriminator, ctx.meta_module):
         raise ConfigError(f"train.hypergradient=exact: the exact hop through H would differentiate the gradient "
                           f"penalty of gan.generator={ctx.cfg.gan.generator} three times, and torch has no third "
@@ -330,64 +345,69 @@ def build_disc(ctx: BuildContext, objective: GANObjective | None = None) -> Disc
     g, batch = ctx.cfg.gan, ctx.cfg.train.batch_size
     module = ctx.gan.discriminator
     return DiscriminatorProblem(
-        "disc", ctx.level_config("disc"), module, ctx.gan_optimizer(module, g.d_lr),
-        train_data_loader=ctx.train_loader("disc batches", batch_size=batch * g.coreset_factor,
+        name, ctx.level_config(name), module, ctx.gan_optimizer(module, g.d_lr),
+        train_data_loader=ctx.train_loader(f"{name} batches", batch_size=batch * g.coreset_factor,
                                            order="class_balanced" if g.real_batches == "class_balanced" else "shuffle"),
         objective=objective,
         diffaugment_policy=parse_policy(g.diffaugment), batch_size=ctx.batch_share, lecam_weight=g.lecam_weight,
-        lecam_decay=g.lecam_decay, **ctx.common("disc"))
+        lecam_decay=g.lecam_decay, **ctx.common(name))
 
 
-def _generator_settings(ctx: BuildContext) -> dict:
+def _generator_settings(ctx: BuildContext, name: str) -> dict:
     g = ctx.cfg.gan
     return {"objective": ctx.gan.objective, "diffaugment_policy": parse_policy(g.diffaugment),
             "batch_size": ctx.batch_share, "num_classes": ctx.num_classes,
             "image_size": ctx.data.image_shape[-1], "ema_decay": g.ema_decay, "topk_min_fraction": g.topk_min_fraction,
-            "topk_decay": g.topk_decay, **ctx.common("gen")}
+            "topk_decay": g.topk_decay, **ctx.common(name)}
 
 
-def build_gen(ctx: BuildContext) -> GeneratorProblem:
+@register_level("gen")
+def build_gen(ctx: BuildContext, name: str) -> GeneratorProblem:
     module = ctx.gan.generator
-    return GeneratorProblem("gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
-                            **_generator_settings(ctx))
+    return GeneratorProblem(name, ctx.level_config(name), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
+                            **_generator_settings(ctx, name))
 
 
-def build_gen_mtl(ctx: BuildContext) -> MultiTaskGeneratorProblem:
+@register_level("gen_mtl")
+def build_gen_mtl(ctx: BuildContext, name: str) -> MultiTaskGeneratorProblem:
     module = ctx.gan.generator
     return MultiTaskGeneratorProblem(
-        "gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
+        name, ctx.level_config(name), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
         train_data_loader=ctx.val_loader("mtl validation batches", with_indices=True),
-        classifier_weight=ctx.cfg.train.mtl_weight, **_generator_settings(ctx))
+        classifier_weight=ctx.cfg.train.mtl_weight, **_generator_settings(ctx, name))
 
 
-def build_trunc(ctx: BuildContext) -> TruncationProblem:
+@register_level("trunc")
+def build_trunc(ctx: BuildContext, name: str) -> TruncationProblem:
     g = ctx.cfg.gan
     module = LearnedTruncation(g.truncation)
-    return TruncationProblem("trunc", ctx.level_config("trunc", retain_graph=True), module,
+    return TruncationProblem(name, ctx.level_config(name, retain_graph=True), module,
                              torch.optim.Adam(module.parameters(), lr=g.truncation_lr, fused=True),
-                             batch_size=ctx.gen_per_step, num_classes=ctx.num_classes, **ctx.common("trunc"))
+                             batch_size=ctx.gen_per_step, num_classes=ctx.num_classes, **ctx.common(name))
 
 
-def build_meta(ctx: BuildContext) -> MetaProblem:
+@register_level("meta")
+def build_meta(ctx: BuildContext, name: str) -> MetaProblem:
     t = ctx.cfg.train
     module = ctx.meta_module
     optimizer = torch.optim.Adam(module.parameters(), lr=t.meta_lr, weight_decay=t.meta_weight_decay, fused=True)
-    loaders = [ctx.val_loader("meta validation batches")]
+    loaders = [ctx.val_loader(f"{name} validation batches")]
     if t.meta_data == "val_and_train":  # as many class-balanced training images as validation images per batch
-        loaders.append(ctx.class_balanced_batches("meta training batches", ctx.cfg.data.val_batch_size))
-    meta = MetaProblem("meta", ctx.level_config("meta", retain_graph=True), module, optimizer,
+        loaders.append(ctx.class_balanced_batches(f"{name} training batches", ctx.cfg.data.val_batch_size))
+    meta = MetaProblem(name, ctx.level_config(name, retain_graph=True), module, optimizer,
                        train_data_loader=tuple(loaders) if len(loaders) > 1 else loaders[0], gamma=t.gamma,
-                       **ctx.common("meta"))
+                       **ctx.common(name))
     meta.chunk_size = t.meta_chunk
     return meta
 
 
-def build_alloc(ctx: BuildContext) -> AllocationProblem:
+@register_level("alloc")
+def build_alloc(ctx: BuildContext, name: str) -> AllocationProblem:
     """The learned allocation (``train.allocator=learned``): p(s)'s logits, an upper level of W2."""
     module = ctx.allocator.module
     optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.alloc_lr, fused=True)
-    return AllocationProblem("alloc", ctx.level_config("alloc", retain_graph=True), module, optimizer,
-                             train_data_loader=ctx.val_loader("alloc validation batches"), **ctx.common("alloc"))
+    return AllocationProblem(name, ctx.level_config(name, retain_graph=True), module, optimizer,
+                             train_data_loader=ctx.val_loader(f"{name} validation batches"), **ctx.common(name))
 
 
 # ----- adversarial (worst-case) generation ----------------------------------------------------------
@@ -396,49 +416,47 @@ def adversarial_objective(ctx: BuildContext) -> GANObjective:
     return replace(ctx.gan.objective, adversarial=ADVERSARIAL_LOSSES[ctx.cfg.train.adversarial_form])
 
 
-def build_adversarial_classifier(ctx: BuildContext) -> AdversarialClassifierProblem:
+@register_level("adversarial_classifier")
+def build_adversarial_classifier(ctx: BuildContext, name: str) -> AdversarialClassifierProblem:
     t = ctx.cfg.train
-    module = ctx.classifier("w2")
+    module = ctx.classifier(name)
     optimizer = ctx.classifier_optimizer(module)
     return AdversarialClassifierProblem(
-        "w2", ctx.level_config("w2"), module, optimizer, ctx.classifier_scheduler(optimizer), ctx.train_loader("w2 batches"),
-        gen_per_step=ctx.gen_per_step, lambda_gen=t.lambda_gen,
-        decov_weight=t.decov_weight, **ctx.classifier_settings("w2"))
+        name, ctx.level_config(name), module, optimizer, ctx.classifier_scheduler(optimizer),
+        ctx.train_loader(f"{name} batches"), gen_per_step=ctx.gen_per_step, lambda_gen=t.lambda_gen,
+        decov_weight=t.decov_weight, **ctx.classifier_settings(name))
 
 
-def build_adversarial_critic(ctx: BuildContext) -> DiscriminatorProblem:
-    return build_disc(ctx, objective=adversarial_objective(ctx))
+@register_level("adversarial_critic")
+def build_adversarial_critic(ctx: BuildContext, name: str) -> DiscriminatorProblem:
+    return build_disc(ctx, name, objective=adversarial_objective(ctx))
 
 
-def build_adversarial_generator(ctx: BuildContext) -> AdversarialGeneratorProblem:
+@register_level("adversarial_generator")
+def build_adversarial_generator(ctx: BuildContext, name: str) -> AdversarialGeneratorProblem:
     module = ctx.gan.generator
     return AdversarialGeneratorProblem(
-        "gen", ctx.level_config("gen"), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
+        name, ctx.level_config(name), module, ctx.gan_optimizer(module, ctx.cfg.gan.g_lr),
         adversarial_lambda=ctx.cfg.train.adversarial_lambda,
-        **{**_generator_settings(ctx), "objective": adversarial_objective(ctx)})
+        **{**_generator_settings(ctx, name), "objective": adversarial_objective(ctx)})
 
 
-def build_w1_mwn(ctx: BuildContext) -> MetaWeightedClassifierProblem:
-    module = ctx.classifier("w1")
+@register_level("w1_mwn")
+def build_w1_mwn(ctx: BuildContext, name: str) -> MetaWeightedClassifierProblem:
+    module = ctx.classifier(name)
     optimizer = ctx.classifier_optimizer(module)
     # exact hops: W's loss feeds V the detached loss values, which finite differences of W would move
-    return MetaWeightedClassifierProblem("w1", ctx.level_config("w1", hypergradient="exact"), module, optimizer,
-                                         ctx.classifier_scheduler(optimizer), ctx.train_loader("w1 batches"),
-                                         **ctx.classifier_settings("w1"))
+    return MetaWeightedClassifierProblem(name, ctx.level_config(name, hypergradient="exact"), module, optimizer,
+                                         ctx.classifier_scheduler(optimizer), ctx.train_loader(f"{name} batches"),
+                                         **ctx.classifier_settings(name))
 
 
-def build_mwn(ctx: BuildContext) -> WeightingNetProblem:
+@register_level("mwn")
+def build_mwn(ctx: BuildContext, name: str) -> WeightingNetProblem:
     module = WeightingNet(ctx.cfg.train.mwn_hidden)
     optimizer = torch.optim.Adam(module.parameters(), lr=ctx.cfg.train.mwn_lr, fused=True)
-    return WeightingNetProblem("mwn", ctx.level_config("mwn", retain_graph=True), module, optimizer,
-                               train_data_loader=ctx.val_loader("mwn validation batches"), **ctx.common("mwn"))
-
-
-LEVEL_BUILDERS = {"w1": build_w1, "w2": build_w2, "crt": build_crt, "w2_pregenerated": build_w2_pregenerated,
-                  "disc": build_disc, "gen": build_gen, "gen_mtl": build_gen_mtl, "meta": build_meta,
-                  "w1_mwn": build_w1_mwn, "mwn": build_mwn, "trunc": build_trunc, "alloc": build_alloc,
-                  "adversarial_classifier": build_adversarial_classifier,
-                  "adversarial_critic": build_adversarial_critic, "adversarial_generator": build_adversarial_generator}
+    return WeightingNetProblem(name, ctx.level_config(name, retain_graph=True), module, optimizer,
+                               train_data_loader=ctx.val_loader(f"{name} validation batches"), **ctx.common(name))
 
 
 def build_levels(ctx: BuildContext) -> list:
@@ -448,5 +466,11 @@ def build_levels(ctx: BuildContext) -> list:
                           f"{ctx.cfg.data.dataset}; lower it")
     torch.manual_seed(ctx.cfg.run.seed)
     for name in ctx.mode.levels:
-        ctx.levels[name] = LEVEL_BUILDERS[ctx.mode.kind(name)](ctx)
+        kind = ctx.mode.kind(name)
+        problem = level_builder(kind, ctx.mode.name)(ctx, name)
+        if not isinstance(problem, LevelProblem) or problem.name != name:
+            what = f"a {type(problem).__name__}" if not isinstance(problem, LevelProblem) else f"level '{problem.name}'"
+            raise ConfigError(f"the builder of level kind '{kind}' returned {what} for level '{name}'; it must return a "
+                              f"LevelProblem (problems.base) named by the name it is given")
+        ctx.levels[name] = problem
     return list(ctx.levels.values())

@@ -1,32 +1,49 @@
-"""Modes are data: which levels exist (and which kind of problem each is), how they are wired, and
-which phases train them.
+"""Modes are data: which levels exist (and which kind of problem each is), how they are wired, which
+phases train them, and what they accept. Each registers by name through ``register_mode``
+(``experiments.registry``), the built-in ones below as a user's own does.
 
-The levels are built by kind in ``experiments.levels``; ``mlo.graph`` turns the edges into a Betty
-engine; ``experiments.phases`` turns phase names into ``mlo.trainer.Phase`` objects. Adding a mode
-is adding an entry here.
+The levels are built by kind (``register_level``, ``experiments.levels``); ``mlo.graph`` turns the edges into
+a Betty engine; ``experiments.phases`` turns phase names into ``mlo.trainer.Phase`` objects. A mode of your
+own is most often a built-in one changed: ``get_mode("vanilla").with_upper("cw", "w1").named("class_weights",
+"...")`` (docs/examples/class_weights.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from experiments.registry import get_mode, register_mode, registered_modes
 from mlo.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Mode:
+    """A mode. ``levels``: the level names, leaves in stepping order; ``kinds``: level -> builder kind where not
+    the level's name; ``u2l``/``l2u``: Betty's edges (``l2u[lower]``: the levels whose loss reads ``lower``,
+    ``u2l[upper]``: the levels whose loss reads ``upper``); ``ready_on``: a level steps once these of its lower
+    levels are ready (not all of them); ``every_meta``: levels unrolled ``train.meta_every`` steps before their
+    upper levels step; ``every``: an upper level that steps only every k-th time its lower levels are ready;
+    ``phases``: names in ``experiments.phases``; ``generates``: W2 trains on generated images (the allocation is
+    reported); ``options``: config keys that only this mode (and the modes made from it) reads: set in another
+    mode, they are refused."""
     name: str
     description: str
-    levels: tuple[str, ...]                                   # stepping order of the leaves
-    phases: tuple[str, ...]                                   # names in experiments.phases.PHASES
-    kinds: dict[str, str] = field(default_factory=dict)       # level -> builder kind, where not the level's name
+    levels: tuple[str, ...]
+    phases: tuple[str, ...]
+    kinds: dict[str, str] = field(default_factory=dict)
     u2l: dict[str, tuple[str, ...]] = field(default_factory=dict)
     l2u: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ready_on: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    every_meta: tuple[str, ...] = ()    # levels unrolled ``meta_every`` steps before their uppers step
-    generates: bool = False             # W2 trains on generated images (reports the allocation)
+    every_meta: tuple[str, ...] = ()
+    every: dict[str, int] = field(default_factory=dict)
+    generates: bool = False
+    options: tuple[str, ...] = ()
 
     def kind(self, level: str) -> str:
         return self.kinds.get(level, level)
+
+    def named(self, name: str, description: str) -> "Mode":
+        """The same mode under another name (a mode made from another must not keep its name)."""
+        return replace(self, name=name, description=description)
 
     def without(self, level: str) -> "Mode":
         """The same mode with ``level`` and every edge touching it removed (e.g. ``model.meta=none``)."""
@@ -35,13 +52,34 @@ class Mode:
             return {k: vs for k, vs in out.items() if vs}
         return replace(self, levels=tuple(n for n in self.levels if n != level), u2l=prune(self.u2l),
                        l2u=prune(self.l2u), ready_on=prune(self.ready_on),
-                       every_meta=tuple(n for n in self.every_meta if n != level))
+                       every_meta=tuple(n for n in self.every_meta if n != level),
+                       every={k: v for k, v in self.every.items() if k != level})
 
-    def with_upper(self, level: str, lower: str) -> "Mode":
-        """The same mode with ``level`` added as an upper level of ``lower`` only (its loss reads
-        ``lower``, whose solution depends on it), stepped when ``lower`` finishes an unroll."""
+    def with_upper(self, level: str, lower: str, every: int = 1) -> "Mode":
+        """The same mode with ``level`` (a level of the kind of its name) added as an upper level of ``lower``
+        only: its loss reads ``lower``, whose solution depends on it, so its gradient is the hypergradient
+        through ``lower``'s step. It steps when ``lower`` finishes an unroll (each of its steps, or every
+        ``train.meta_every`` for a level in ``every_meta``), or only every ``every``-th time."""
+        if level in self.levels:
+            raise ConfigError(f"Mode.with_upper: mode {self.name} has a level '{level}' already; name yours otherwise")
+        if lower not in self.levels:
+            raise ConfigError(f"Mode.with_upper: mode {self.name} has no level '{lower}' to put '{level}' above "
+                              f"(its levels: {', '.join(self.levels)})")
+        if every < 1:
+            raise ConfigError(f"Mode.with_upper: every={every} for level '{level}'; give 1 or more")
         return replace(self, levels=self.levels + (level,), u2l={**self.u2l, level: (lower,)},
-                       l2u={**self.l2u, lower: self.l2u.get(lower, ()) + (level,)})
+                       l2u={**self.l2u, lower: self.l2u.get(lower, ()) + (level,)},
+                       every={**self.every, **({level: every} if every > 1 else {})})
+
+    def with_retrained_head(self) -> "Mode":
+        """The same mode, then cRT: a fresh head on the frozen encoder of the reported classifier, trained
+        with class-balanced sampling after every other phase and reported in its place."""
+        return replace(self, levels=self.levels + ("crt",), phases=self.phases + ("crt",))
+
+    def with_meta_weight_net(self) -> "Mode":
+        """Meta-Weight-Net (``train.loss=mwn``): W1's per-sample losses weighed by a network ``mwn``, an upper
+        level of W1 learned on the validation set."""
+        return replace(self, kinds={**self.kinds, "w1": "w1_mwn"}).with_upper("mwn", "w1")
 
     @property
     def reported(self) -> str:
@@ -56,16 +94,16 @@ class Mode:
     @property
     def draws_generated(self) -> bool:
         """W2 draws generated images as it trains, weighted by b_m (their budget and keep form apply)."""
-        return self.kind("w2") == "w2" and "w2" in self.levels
+        return "w2" in self.levels and self.kind("w2") == "w2"
 
-    def with_retrained_head(self) -> "Mode":
-        """The same mode, then cRT: a fresh head on the frozen encoder of the reported classifier, trained
-        with class-balanced sampling after every other phase and reported in its place."""
-        return replace(self, levels=self.levels + ("crt",), phases=self.phases + ("crt",))
+    @property
+    def single_classifier(self) -> bool:
+        """One classifier (W1) and nothing else: what Meta-Weight-Net's weighting applies to."""
+        return set(self.levels) == {"w1"}
 
 
-MODES: dict[str, Mode] = {
-    "end2end": Mode(
+BUILT_IN = (
+    Mode(
         name="end2end",
         description="the method: W1, H, G, W2 and A as one MLO with hypergradients along five paths",
         # H first and W2 waiting only for W1: W1/H/W2 step every iteration, G and A every meta_every
@@ -77,7 +115,7 @@ MODES: dict[str, Mode] = {
         every_meta=("disc", "w2"),
         generates=True,
     ),
-    "sequential": Mode(
+    Mode(
         name="sequential",
         description="W1 trained first; then the GAN; then p(s) frozen from W1's validation loss, M images "
                     "generated once, and W2 trained on real plus generated images",
@@ -87,8 +125,9 @@ MODES: dict[str, Mode] = {
         l2u={"disc": ("gen",)},
         every_meta=("disc",),
         generates=True,
+        options=("train.w2_init",),
     ),
-    "separate": Mode(
+    Mode(
         name="separate",
         description="the GAN trained first and frozen; W1, W2 and A as an MLO reading the frozen generator",
         levels=("disc", "w1", "gen", "w2", "meta"),
@@ -99,7 +138,7 @@ MODES: dict[str, Mode] = {
         every_meta=("disc", "w2"),
         generates=True,
     ),
-    "mtl": Mode(
+    Mode(
         name="mtl",
         description="multi-task: G trained on its GAN loss plus W2's loss on its images, W2 on real plus "
                     "generated images, first order (no meta level, no hypergradients)",
@@ -110,14 +149,15 @@ MODES: dict[str, Mode] = {
         ready_on={"w2": ("w1",)},
         every_meta=("disc",),
         generates=True,
+        options=("train.mtl_weight",),
     ),
-    "vanilla": Mode(
+    Mode(
         name="vanilla",
         description="one classifier on the long-tailed training set, no generation",
         levels=("w1",),
         phases=("joint",),
     ),
-    "vanilla_meta": Mode(
+    Mode(
         name="vanilla_meta",
         description="vanilla with A: the classifier's encoder on the long-tailed training set, its head A "
                     "learned on the validation set through the hypergradient; no generation",
@@ -127,7 +167,7 @@ MODES: dict[str, Mode] = {
         l2u={"w1": ("meta",)},
         every_meta=("w1",),
     ),
-    "adversarial": Mode(
+    Mode(
         name="adversarial",
         description="worst-case generation: min_G max_{D,C} lambda (E_real D - E_gen D) - E_gen loss(C(x), y); "
                     "the classifier C (w2) trains on real plus generated images",
@@ -136,20 +176,11 @@ MODES: dict[str, Mode] = {
         phases=("joint",),
         kinds={"w2": "adversarial_classifier", "disc": "adversarial_critic", "gen": "adversarial_generator"},
         l2u={"w2": ("gen",), "disc": ("gen",)},
+        options=("train.adversarial_form", "train.adversarial_lambda"),
     ),
-}
-
-
-# train.loss=mwn turns vanilla into Meta-Weight-Net: the weighting network is an upper level of W
-META_WEIGHT_NET = Mode(
-    name="vanilla",
-    description="one classifier whose per-sample losses a weighting network learned on D_val weighs (Meta-Weight-Net)",
-    levels=("w1", "mwn"),
-    phases=("joint",),
-    kinds={"w1": "w1_mwn"},
-    u2l={"mwn": ("w1",)},
-    l2u={"w1": ("mwn",)},
 )
+for _mode in BUILT_IN:
+    register_mode(_mode)
 
 
 # kinds of W2 whose loss takes the DeCov penalty of its features of the images it generates as it trains
@@ -159,14 +190,13 @@ DECOV_KINDS = ("w2", "adversarial_classifier")
 def resolve_mode(cfg) -> Mode:
     """The mode the config asks for, after refusing settings that would silently do nothing in it."""
     t, m = cfg.train, cfg.model
-    if t.mode not in MODES:
-        raise ConfigError(f"train.mode: unknown value '{t.mode}' (choices: {', '.join(MODES)})")
-    mode = MODES[t.mode]
+    mode = get_mode(t.mode)
+    refuse_options_of_other_modes(cfg, mode)
     if t.loss == "mwn":
-        if t.mode != "vanilla":
-            raise ConfigError(f"train.loss=mwn is Meta-Weight-Net, a baseline of train.mode=vanilla "
-                              f"(this is {t.mode}); use another loss here")
-        mode = META_WEIGHT_NET
+        if not mode.single_classifier:
+            raise ConfigError(f"train.loss=mwn is Meta-Weight-Net, which weighs the samples of a mode's one classifier "
+                              f"(vanilla); train.mode={t.mode} has more levels; use another loss here")
+        mode = mode.with_meta_weight_net()
     for key, posthoc in (("posthoc_tau", "logit_adjust"), ("crt_epochs", "crt")):
         if getattr(t, key) != getattr(type(t)(), key) and t.posthoc != posthoc:
             raise ConfigError(f"train.{key} applies to train.posthoc={posthoc} only; drop it")
@@ -200,11 +230,6 @@ def resolve_mode(cfg) -> Mode:
     if m.tie_encoders and len({"w2", "disc"} & set(mode.levels)) == 0:
         raise ConfigError(f"model.tie_encoders shares W1's encoder with W2 and H, which train.mode={t.mode} "
                           f"does not have; drop it")
-    if t.w2_init != "scratch" and t.mode != "sequential":
-        raise ConfigError(f"train.w2_init={t.w2_init} only applies to train.mode=sequential, where W2 trains after W1 "
-                          f"(this is {t.mode}); drop it")
-    if t.mtl_weight != 1.0 and t.mode != "mtl":
-        raise ConfigError(f"train.mtl_weight only applies to train.mode=mtl (this is {t.mode}); drop it")
     mode = with_gan_options(cfg, mode)
     return mode.with_retrained_head() if t.posthoc == "crt" else mode
 
@@ -220,10 +245,6 @@ def with_gan_options(cfg, mode: Mode) -> Mode:
     if t.decov_weight and not ("w2" in mode.levels and mode.kind("w2") in DECOV_KINDS):
         raise ConfigError(f"train.decov_weight acts on the features of the images W2 generates as it trains, "
                           f"which train.mode={t.mode} does not do; drop it")
-    if mode.name != "adversarial":
-        for key in ("adversarial_form", "adversarial_lambda"):
-            if getattr(t, key) != getattr(type(t)(), key):
-                raise ConfigError(f"train.{key} applies to train.mode=adversarial only (this is {t.mode}); drop it")
     if g.truncation is not None and not mode.generates:
         raise ConfigError(f"gan.truncation truncates the latents of the images W2 trains on, and train.mode={t.mode} "
                           f"generates none; drop it")
@@ -233,3 +254,20 @@ def with_gan_options(cfg, mode: Mode) -> Mode:
         raise ConfigError(f"gan.learn_truncation learns tau through W2's training on images it generates at tau as "
                           f"it trains, which train.mode={t.mode} does not do; use a fixed gan.truncation")
     return mode.with_upper("trunc", "w2")
+
+
+def refuse_options_of_other_modes(cfg, mode: Mode) -> None:
+    """A setting some mode declares as its own (``Mode.options``, a level's ``levels.<kind>`` settings) set in a
+    run whose mode does not read it would do nothing: refused, naming the modes that read it."""
+    modes = registered_modes()
+    for key in sorted({k for other in modes for k in other.options} - set(mode.options)):
+        if cfg.get(key) != cfg.default(key):
+            users = " or ".join(other.name for other in modes if key in other.options)
+            raise ConfigError(f"{key} applies to train.mode={users} only (this is {mode.name}); drop it")
+    kinds = {mode.kind(level) for level in mode.levels}
+    for kind, settings in cfg.levels.items():
+        changed = [k for k in settings.__dataclass_fields__ if cfg.get(f"levels.{kind}.{k}") != cfg.default(f"levels.{kind}.{k}")]
+        if changed and kind not in kinds:
+            users = [other.name for other in modes if kind in {other.kind(level) for level in other.levels}]
+            raise ConfigError(f"levels.{kind}.{changed[0]} sets a level of kind {kind}, which train.mode={mode.name} "
+                              f"does not have" + (f" ({' and '.join(users)} do)" if users else "") + "; drop it")

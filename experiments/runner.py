@@ -4,6 +4,7 @@
     run_dir/train_log.csv     one row per epoch (validation accuracy, losses, temperature)
     run_dir/checkpoint.pt     everything needed to resume (the one before it: checkpoint.pt.prev)
     run_dir/seeds.json        the seed behind every random choice of the run
+    run_dir/level_log.csv     per epoch, every level's vector statistics (``LevelProblem.record``)
     run_dir/metrics.json      written last: its presence marks a finished run
     run_dir/report.md, *.png  tables, plots and sample grids
 """
@@ -41,19 +42,14 @@ from mlo.report import (TABLE3_HEADER, markdown_table, per_class_rows, plot_allo
                         plot_per_class_accuracy, save_sample_grid)
 from mlo.trainer import Phase, StopRequest, Trainer, stop_on_signals
 from problems.base import all_finite, unwrap
+from experiments.config_files import (ALLOCATION_LOG, CHECKPOINT, CONFIG, GENOTYPE, LEVEL_LOG, LOG, METRICS,
+                                      POSTHOC_SETTINGS, RESUMABLE_CHANGES, SEEDS, TENSORBOARD)
 from experiments.levels import BuildContext, build_levels
 from experiments.modes import resolve_mode
 from experiments.phases import build_phases
 
-CHECKPOINT, METRICS, CONFIG, LOG, SEEDS = "checkpoint.pt", "metrics.json", "config.yaml", "train_log.csv", "seeds.json"
-ALLOCATION_LOG, TENSORBOARD, GENOTYPE = "allocation_log.csv", "tensorboard", "genotype.json"
 # raised whenever what a checkpoint holds changes shape, so an older one is refused by name, not by a KeyError
 CHECKPOINT_FORMAT = 3  # 2: borrowed gradients of tied encoders ("lent"); 3: the counted budget, "trained_on"
-# settings that may change between a checkpoint and its resumption without changing the run
-RESUMABLE_CHANGES = ("run.progress", "run.device", "run.checkpoint_every", "run.name", "run.out_dir", "run.sync_every",
-                     "run.threads", "run.tensorboard", "run.gan_cache")
-# settings that act only after training: a run with them can start from the finished run without them
-POSTHOC_SETTINGS = ("train.posthoc", "train.posthoc_tau", "train.crt_epochs")
 # settings that act only after the GAN's pre-training (or not at all on it): runs that differ in them alone
 # share a pre-trained GAN (run.gan_cache); the initial weights are compared as well (gan_cache_key)
 AFTER_GAN_PRETRAINING = RESUMABLE_CHANGES + POSTHOC_SETTINGS + tuple(f"train.{k}" for k in (
@@ -61,12 +57,13 @@ AFTER_GAN_PRETRAINING = RESUMABLE_CHANGES + POSTHOC_SETTINGS + tuple(f"train.{k}
     "meta_weight_decay", "meta_data", "alloc_lr", "lambda_gen", "gamma", "hypergradient", "darts_alpha", "keep_weights",
     "gen_budget", "temperature_start", "temperature_end", "allocator", "worstk_k", "worstk_fraction", "loss",
     "focal_gamma", "cb_beta", "logit_adjust_tau", "ldam_margin", "ldam_scale", "drw_start", "isda_lambda",
-    "mtl_weight", "gen_per_real", "decov_weight", "max_faults")) + (
+    "mtl_weight", "gen_per_real", "decov_weight", "max_faults", "meta_chunk")) + (
     "gan.truncation", "gan.learn_truncation", "gan.truncation_lr")
 GAN_LEVELS = ("disc", "gen")
 PRETRAINING = "GAN pre-training"
 EVAL_BATCH = 500
 SAMPLES_PER_CLASS = 8
+SMALL_LEVEL = 1000  # levels with at most this many parameters have their learned values in metrics.json
 
 
 def resolve_device(name: str, processes: Processes = Processes()) -> torch.device:
@@ -98,6 +95,13 @@ def make_deterministic(enabled: bool) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+
+
+def _rounded(value):
+    """A tensor as a JSON number or (nested) list, to six significant digits."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu().tolist()
+    return [_rounded(v) for v in value] if isinstance(value, list) else float(f"{value:.6g}")
 
 
 def _json_safe(value):
@@ -254,6 +258,12 @@ class Run:
         self._append_log(LOG, [row])
         if per_class:
             self._append_log(ALLOCATION_LOG, per_class)
+        vectors = [{"phase": phase.name, "epoch": epoch, "global_step": self.engine.global_step, "level": name,
+                    "statistic": key, "index": i, "value": round(float(v), 6)}
+                   for name, rec in records.items() for key, value in rec.items() if value.dim() == 1
+                   for i, v in enumerate((value / rec["steps"].clamp(min=1)).tolist())]
+        if vectors:
+            self._append_log(LEVEL_LOG, vectors)
         if self.tensorboard is not None:
             self.write_scalars(row, per_class)
         return {k: v for k, v in row.items() if k.endswith("val_acc")}
@@ -380,7 +390,7 @@ class Run:
         np.random.set_state(("MT19937", np.array(rng["numpy"], dtype=np.uint32), rng["numpy_pos"]))
         random.setstate((3, tuple(rng["python"]), None))
         if self.processes.main and source is None:  # epochs logged after the checkpoint will be trained and logged again
-            for name in (LOG, ALLOCATION_LOG):
+            for name in (LOG, ALLOCATION_LOG, LEVEL_LOG):
                 if (self.run_dir / name).exists():
                     self._write_log(name, [r for r in self._read_log(name)
                                            if int(r["global_step"]) <= self.engine.global_step])
@@ -490,6 +500,12 @@ class Run:
             "class_prior": [round(float(v), 5) for v in self.class_prior(final)],
             "gan_pretrained": (f"{self.gan_pretrained}: {self.gan_cache_file}" if self.gan_pretrained else None),
             "derived_from": str(self.derived_from) if self.derived_from else None,
+            # each level's statistics of its last epoch (mean over its steps), and what small levels learned
+            "level_statistics": {name: {k: _rounded(v / rec["steps"].clamp(min=1)) for k, v in rec.items()
+                                        if k != "steps"} for name, rec in self.last_epoch.items()},
+            "learned": {name: {k: _rounded(v) for k, v in level.module.state_dict().items()}
+                        for name, level in self.levels.items()
+                        if sum(p.numel() for p in level.module.parameters()) <= SMALL_LEVEL},
         }
         summary = self.allocation_summary()
         if summary is not None:
@@ -602,12 +618,12 @@ class Run:
             self.load_checkpoint(source=Path(start_from))
             self.derived_from = Path(start_from)
             if self.processes.main:
-                for name in (LOG, ALLOCATION_LOG):
+                for name in (LOG, ALLOCATION_LOG, LEVEL_LOG):
                     if (self.derived_from / name).exists():
                         shutil.copyfile(self.derived_from / name, self.run_dir / name)
             self.save_checkpoint()  # the run directory is complete from here on (eval, --resume)
         elif self.processes.main:
-            for name in (LOG, ALLOCATION_LOG):  # from a run killed before its first checkpoint
+            for name in (LOG, ALLOCATION_LOG, LEVEL_LOG):  # from a run killed before its first checkpoint
                 (self.run_dir / name).unlink(missing_ok=True)
         if self.processes.main:
             self.write_seeds()

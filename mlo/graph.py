@@ -12,23 +12,29 @@ import torch
 from betty.configs import EngineConfig
 
 from mlo.betty_compat import CompatEngine
+from mlo.errors import ConfigError
 
 
-class GraphError(ValueError):
-    """The level graph is malformed (a bug in a mode definition or a user's level)."""
+class GraphError(ConfigError):
+    """The level graph is malformed (a mode's definition, a user's level): one line naming the level."""
 
 
 def validate_graph(names: list[str], u2l: dict[str, list[str]], l2u: dict[str, list[str]],
                    unroll: dict[str, int], ready_on: dict[str, list[str] | None],
-                   attributes: set[str] = frozenset()) -> None:
-    """``attributes``: every attribute name of the problems and of the engine, which a level's name must
-    not shadow (Betty sets every level as an attribute of every other level and of the engine)."""
+                   attributes: dict[str, str] | None = None) -> None:
+    """``attributes``: every attribute name of the problems and of the engine, with what has it, which a level's
+    name must not shadow (Betty sets every level as an attribute of every other level and of the engine)."""
+    attributes = attributes or {}
     if len(set(names)) != len(names):
-        raise GraphError(f"level names must be unique: {names}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise GraphError(f"level '{twice[0]}' is in the mode twice; level names must be unique")
     for name in names:
-        if not name.isidentifier() or name in attributes:
-            raise GraphError(f"level name '{name}' is not an identifier or clashes with an attribute of the levels "
-                             f"or of Betty's engine (Betty sets each level as an attribute of the others by name)")
+        if not name.isidentifier():
+            raise GraphError(f"level name '{name}' is not a Python identifier (Betty sets each level as an attribute "
+                             f"of the others by its name); rename it")
+        if name in attributes:
+            raise GraphError(f"level name '{name}' clashes with the attribute '{name}' of {attributes[name]} (Betty "
+                             f"sets each level as an attribute of the others and of the engine by its name); rename it")
     for kind, edges in (("u2l", u2l), ("l2u", l2u)):
         for src, dsts in edges.items():
             for n in [src, *dsts]:
@@ -90,7 +96,8 @@ def build_engine(problems: list, u2l: dict[str, list[str]], l2u: dict[str, list[
     validate_graph(list(by_name), u2l, l2u,
                    unroll={p.name: p.config.unroll_steps for p in problems},
                    ready_on={p.name: getattr(p, "ready_on", None) for p in problems},
-                   attributes=set(dir(CompatEngine)).union(*(dir(p) for p in problems)))
+                   attributes={**{a: f"level '{p.name}' ({type(p).__name__})" for p in problems for a in dir(p)},
+                               **{a: "Betty's Engine" for a in dir(CompatEngine)}})
     modules = [p.module for p in problems]
     for p in problems:
         p.graph_modules = modules

@@ -138,12 +138,14 @@ class LevelProblem(CompatProblem):
     """A Betty ``ImplicitProblem`` whose ``training_step`` is a pure function of ``cur_batch``."""
 
     def __init__(self, name: str, config: Config, module: nn.Module, optimizer, scheduler=None,
-                 train_data_loader=None, *, seed: int = 0, ready_on: list[str] | None = None,
+                 train_data_loader=None, *, seed: int = 0, ready_on: list[str] | None = None, every: int = 1,
                  borrows: nn.Module | None = None, lender: str | None = None):
         super().__init__(name, config, module=module, optimizer=optimizer, scheduler=scheduler,
                          train_data_loader=train_data_loader)
         self.seed = stream_seed(seed, name)  # the level's own noise: the stream named after it
         self.ready_on = ready_on        # step once these children are ready, not all of them
+        self.every = every              # step only every this many times the children are ready
+        self._times_ready = 0
         self.graph_modules: list[nn.Module] = [module]  # set by the graph builder: every module in the graph
         self.noise = None                # torch.Generator on the device, for prepare_batch
         self._batches_drawn = 0          # the per-batch RNG seed is derived from (seed, batches drawn)
@@ -309,6 +311,11 @@ class LevelProblem(CompatProblem):
     # ----- cadence and wiring -------------------------------------------------------------------
     def step_normal(self, global_step=None):
         self._global_step = global_step  # Betty sets it only for leaves; fault reports name the step
+        if self.every > 1 and self.check_ready():
+            self._times_ready += 1
+            if self._times_ready % self.every:  # not this time: wait for the children's next readiness
+                self.ready = [False] * len(self.ready)
+                return
         super().step_normal(global_step=global_step)
 
     def check_ready(self):
@@ -340,7 +347,7 @@ class LevelProblem(CompatProblem):
             "count": self._count, "ready": list(self.ready), "inner_loop_start": self._inner_loop_start,
             "epoch_counter": list(self.epoch_counter or []),
             "loaders": [loader.state_dict() for loader in (self.train_data_loader or [])],
-            "consecutive_faults": self.consecutive_faults,
+            "consecutive_faults": self.consecutive_faults, "times_ready": self._times_ready,
             **self.process_state(),
         })
         return state
@@ -369,6 +376,7 @@ class LevelProblem(CompatProblem):
         self._batches_drawn = state["batches_drawn"]
         self.records = dict(state["records"])
         self.consecutive_faults = state["consecutive_faults"]
+        self._times_ready = state.get("times_ready", 0)
         self.cur_batch = state["cur_batch"]
         lent = state.get("lent", ())  # absent from format-1 checkpoints, which only untied runs read
         self.lent = {id(p): g for p, g in zip(self.trainable_parameters(), lent) if g is not None}

@@ -84,9 +84,19 @@ class ClassifierProblem(LevelProblem):
         weights = torch.ones_like(y, dtype=torch.float) if weights is None else weights.detach().float()
         self.record("trained_on", torch.zeros(self.num_classes, device=y.device).index_add_(0, y, weights))
 
+    def weighed(self, batch, losses: torch.Tensor) -> torch.Tensor:
+        """The per-sample losses of a training batch as the upper levels that weigh them leave them: every
+        upper level with a ``weigh(lower, batch, losses)`` method (a level of one's own, such as learned class
+        weights, docs/examples/class_weights.py) reads this level's loss that way, and gets its hypergradient."""
+        for upper in self.parents:
+            if hasattr(upper, "weigh"):
+                losses = upper.weigh(self, batch, losses)
+        return losses
+
     def training_step(self, batch):
         self.record_trained_on(batch["y"])
-        loss = self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"])).mean()
+        losses = self.per_sample_loss(batch["x"], batch["y"], batch["progress"], real=len(batch["y"]))
+        loss = self.weighed(batch, losses).mean()
         auxiliary = getattr(unwrap(self.module).encoder, "auxiliary_loss", None)  # a searched network's (DARTS)
         return loss if auxiliary is None else loss + auxiliary(batch["y"])
 

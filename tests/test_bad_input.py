@@ -89,7 +89,7 @@ CASES = [
     (["run", "encoder=resnet33"], "did you mean 'resnet32'?"),
     (["run", "generator=stylegan"], "gan.generator: unknown value 'stylegan'"),
     (["run", "allocator=greedy"], "train.allocator: unknown value 'greedy'"),
-    (["run", "mode=fancy"], "train.mode: unknown value 'fancy'"),
+    (["run", "mode=fancy"], "train.mode: unknown mode 'fancy'"),
     (["run", "diffaugment=translation,rotate"], "gan.diffaugment: unknown value 'rotate'"),
     # combinations that make no sense
     (["run", "mode=vanilla", "allocator=reciprocal"], "train.allocator=reciprocal has no effect in train.mode=vanilla"),

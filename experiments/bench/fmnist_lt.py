@@ -1,6 +1,7 @@
 """The Fashion-MNIST-LT CPU comparison behind README's *Does generation earn its place?* tables.
 
     python -m experiments.bench.fmnist_lt [--parts if100,if20,gan,fullsize] [--seeds 0,1,2,3,4]
+                                          [--variants LIST] [--report-only]
                                           [--fullsize-pair GENERATING,NON_GENERATING] [--fullsize-seeds 0,1,2]
                                           [key=value ...]
 
@@ -20,6 +21,9 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
 - ``fullsize``: the best generating and the best non-generating variant of ``if100`` (``--fullsize-pair``,
   chosen by the if100 table) on ``fmnist_lt_if100`` (ResNet-32, the whole long-tailed set) for the epochs
   a CPU affords (``FULLSIZE``), ``--fullsize-seeds`` (folder ``fmnist_if100_full``).
+
+``--variants`` runs a subset of a part's variants first (the rest can follow later); ``--report-only`` trains nothing
+and prints the tables of the runs finished so far (rows still running say so; tests pair the seeds both rows have).
 
 Each table gives mean ± std over seeds of the last epoch's test top-1 and Many/Medium/Few, and paired t-tests
 across seeds (scipy's ttest_rel, two-sided) against vanilla and against the best non-generating configuration
@@ -62,78 +66,105 @@ def _p(test: dict) -> str:
     return test.get("note", "-") if test["p"] is None else f"{test['p']:.3g}"
 
 
-def best_of(names, top1: dict[str, list[float]]) -> str | None:
-    present = [n for n in names if n in top1]
-    return max(present, key=lambda n: np.mean(top1[n])) if present else None
+def best_of(names, top1: dict[str, dict[int, float]]) -> str | None:
+    present = [n for n in names if top1.get(n)]
+    return max(present, key=lambda n: np.mean(list(top1[n].values()))) if present else None
 
 
-def result_table(summary: dict, published: dict[str, float]) -> tuple[str, dict[str, list[float]]]:
-    """Our rows (top-1, Many/Medium/Few; tests against vanilla and the best non-generating row), then the
-    published ones; and the per-seed top-1 of every row."""
-    from experiments.compare import mean_std, paired_test
+def paired_on_common_seeds(a: dict[int, float], b: dict[int, float]) -> dict:
+    """The paired test over the seeds both rows have (a row still running has fewer)."""
+    from experiments.compare import paired_test
+
+    common = sorted(set(a) & set(b))
+    return paired_test([a[s] for s in common], [b[s] for s in common])
+
+
+def finished_results(root: Path, variants, seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """The metrics of every finished (variant, seed) run under ``root``, by variant label and seed."""
+    results = {}
+    for v in variants:
+        runs = {s: root / f"{v.folder}-seed{s}" / "metrics.json" for s in seeds}
+        results[v.label] = {s: json.loads(p.read_text()) for s, p in runs.items() if p.is_file()}
+    return results
+
+
+def result_table(results: dict[str, dict[int, dict]], published: dict[str, float]
+                 ) -> tuple[str, dict[str, dict[int, float]]]:
+    """Our rows (top-1, Many/Medium/Few; tests against vanilla and the best non-generating row, paired on the
+    seeds both have), then the published ones; and the per-seed top-1 of every row."""
+    from experiments.compare import mean_std
     from mlo.report import markdown_table
 
-    top1 = {row["variant"]: row["top1"] for row in summary["rows"]}
+    top1 = {name: {s: m["top1"] for s, m in runs.items()} for name, runs in results.items()}
     best = best_of(NON_GENERATING, top1)
     header = ["variant", "seeds", "Top-1 %", "Many %", "Medium %", "Few %", "vs vanilla: diff (p)",
               f"vs best non-generating ({best}): diff (p)"]
     rows = []
-    for row in summary["rows"]:
-        name = row["variant"]
-        cells = [name, str(row["seeds"]), *(mean_std(row[k], 100) for k in ("top1", "many", "medium", "few"))]
+    for name, runs in results.items():
+        if not runs:
+            rows.append([name, "0", "not run yet", "", "", "", "", ""])
+            continue
+        cells = [name, str(len(runs)),
+                 *(mean_std([m[k] for m in runs.values()], 100) for k in ("top1", "many", "medium", "few"))]
         for base in ("vanilla", best):
-            if base is None or name == base or base not in top1:
+            if base is None or name == base or not top1.get(base):
                 cells.append("")
                 continue
-            test = paired_test(top1[name], top1[base])
-            cells.append(f"{test['mean_diff_pp']:+.2f} ({_p(test)})")
+            test = paired_on_common_seeds(top1[name], top1[base])
+            cells.append(f"{test['mean_diff_pp']:+.2f} ({_p(test)})" if test["n"] else "")
         rows.append(cells)
     for name, value in published.items():
         rows.append([f"published: {name}", "", f"{value:.2f}", "", "", "", "", ""])
     return markdown_table(header, rows), top1
 
 
-def verdict(top1: dict[str, list[float]], generating=GENERATING) -> str:
+def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
     """The best generating row against the best non-generating one, and end2end against sequential."""
-    from experiments.compare import paired_test
-
     lines = []
     gen, non = best_of(generating, top1), best_of(NON_GENERATING, top1)
     if gen and non:
-        t = paired_test(top1[gen], top1[non])
-        lines.append(f"Best generating `{gen}` {100 * np.mean(top1[gen]):.2f} against best non-generating `{non}` "
-                     f"{100 * np.mean(top1[non]):.2f}: {t['mean_diff_pp']:+.2f} points (p = {_p(t)}, n = {t['n']}).")
+        t = paired_on_common_seeds(top1[gen], top1[non])
+        lines.append(f"Best generating `{gen}` {100 * np.mean(list(top1[gen].values())):.2f} against best "
+                     f"non-generating `{non}` {100 * np.mean(list(top1[non].values())):.2f}: "
+                     f"{t['mean_diff_pp']:+.2f} points on their {t['n']} common seeds (p = {_p(t)}).")
     for suffix in ("", ":posthoc=logit_adjust", ":posthoc=crt", ":loss=balanced_softmax"):
         a, b = f"end2end{suffix}", f"sequential{suffix}"
-        if a in top1 and b in top1:
-            t = paired_test(top1[a], top1[b])
-            lines.append(f"`{a}` − `{b}` (the same expected budget M p_c): {t['mean_diff_pp']:+.2f} points "
-                         f"(p = {_p(t)}).")
+        if top1.get(a) and top1.get(b):
+            t = paired_on_common_seeds(top1[a], top1[b])
+            if t["n"]:
+                lines.append(f"`{a}` − `{b}` (the same expected budget M p_c): {t['mean_diff_pp']:+.2f} points "
+                             f"on {t['n']} common seeds (p = {_p(t)}).")
     return "\n".join(f"- {line}" for line in lines)
 
 
 def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
     """Per class, mean over seeds: real images, W2's generated weight per epoch and its change in test
-    accuracy against vanilla's, for end2end and sequential; with the generator's GAN-train per class."""
+    accuracy against vanilla's (on the seeds both have), for end2end and sequential; with the generator's
+    GAN-train per class."""
     from mlo.report import markdown_table
 
     def load(variant):
-        runs = [root / f"{variant}-seed{s}" / "metrics.json" for s in seeds]
-        return [json.loads(p.read_text()) for p in runs if p.is_file()]
+        runs = {s: root / f"{variant}-seed{s}" / "metrics.json" for s in seeds}
+        return {s: json.loads(p.read_text()) for s, p in runs.items() if p.is_file()}
+
+    def per_class_acc(runs, common):
+        return np.mean([runs[s]["after"]["per_class_acc"] for s in common], axis=0)
 
     vanilla = load("vanilla")
     if not vanilla:
         return ""
-    classes, counts = vanilla[0]["classes"], vanilla[0]["train_counts"]
-    base = np.mean([m["after"]["per_class_acc"] for m in vanilla], axis=0)
+    first = next(iter(vanilla.values()))
+    classes, counts = first["classes"], first["train_counts"]
+    base = per_class_acc(vanilla, vanilla)
     header, columns = ["class", "real images", "vanilla %"], []
     for variant in ("end2end", "sequential"):
         runs = load(variant)
-        if not runs:
+        common = sorted(set(runs) & set(vanilla))
+        if not common:
             continue
-        header += [f"{variant}: generated", f"{variant}: W2 − vanilla (pp)"]
-        columns.append((np.mean([m["generated_per_class"] for m in runs], axis=0),
-                        100 * (np.mean([m["after"]["per_class_acc"] for m in runs], axis=0) - base)))
+        header += [f"{variant}: generated", f"{variant}: W2 − vanilla (pp, {len(common)} seeds)"]
+        columns.append((np.mean([runs[s]["generated_per_class"] for s in common], axis=0),
+                        100 * (per_class_acc(runs, common) - per_class_acc(vanilla, common))))
         if gan_train and variant in gan_train:
             header.append(f"{variant}: GAN-train %")
             columns.append((100 * np.array([gan_train[variant]["gan_train_per_class"][str(c)]
@@ -148,9 +179,9 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
     return markdown_table(header, rows)
 
 
-def gan_section(root: Path, seed: int) -> tuple[str, dict[str, dict]]:
+def gan_section(root: Path, seed: int, measure_missing: bool = True) -> tuple[str, dict[str, dict]]:
     """GAN-train (test, per class, held-out), GAN-test, FID and coverage of the end2end and sequential
-    generators of seed ``seed`` (gan_metrics.json, made if absent)."""
+    generators of seed ``seed`` (gan_metrics.json, measured if absent and ``measure_missing``)."""
     from experiments.cli import restore_generator_run
     from experiments.gan_eval import GAN_METRICS, measure, write_gan_metrics
 
@@ -162,6 +193,8 @@ def gan_section(root: Path, seed: int) -> tuple[str, dict[str, dict]]:
         path = run_dir / GAN_METRICS
         result = json.loads(path.read_text()) if path.is_file() else None
         if result is None or "gan_train_per_class" not in result.get("gan_train_test", {}):
+            if not measure_missing:
+                continue
             run = restore_generator_run(run_dir, None)
             result = measure(run, n=len(run.data.train_labels), seed=seed, truncation=None,
                              gan_train_epochs=GAN_TRAIN_EPOCHS)
@@ -180,9 +213,10 @@ def gan_section(root: Path, seed: int) -> tuple[str, dict[str, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.cli import resolve_config_path
-    from experiments.compare import compare, parse_seeds, parse_variants
-    from mlo.config import load_config
+    from experiments.config_files import resolve_config_path
+    from experiments.compare import compare
+    from experiments.variants import parse_seeds, parse_variants
+    from experiments.config_files import load_run_config
     from mlo.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m experiments.bench.fmnist_lt", description=__doc__,
@@ -190,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="if100,if20,gan",
                         help=f"comma-separated parts ({', '.join(PARTS)}); default if100,if20,gan")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of if100 and if20 (default 0,1,2,3,4)")
+    parser.add_argument("--variants", metavar="LIST",
+                        help="run only these of each part's variants, in this order (default: all of them)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train and measure nothing: the tables of the runs that have finished so far")
     parser.add_argument("--fullsize-pair", metavar="GENERATING,NON_GENERATING",
                         help="fullsize: the two variants to run at full size")
     parser.add_argument("--fullsize-seeds", default="0,1,2", help="seeds of fullsize (default 0,1,2)")
@@ -204,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--parts fullsize: give --fullsize-pair GENERATING,NON_GENERATING (the best of each in if100)")
     seeds = parse_seeds(args.seeds)
     config = resolve_config_path("fmnist_lt_cpu")
-    out_dir = Path(load_config(config, args.overrides).run.out_dir).expanduser()
+    out_dir = Path(load_run_config(config, args.overrides).run.out_dir).expanduser()
     overrides = ["run.progress=false", *args.overrides]
+    chosen = [v.label for v in parse_variants(args.variants)] if args.variants else None
     sections, gan_scores = [], None
     for part in parts:
         if part == "gan":
-            text, gan_scores = gan_section(out_dir / FOLDERS["if100"], seeds[0])
+            text, gan_scores = gan_section(out_dir / FOLDERS["if100"], seeds[0], measure_missing=not args.report_only)
             sections.append(("The generators of the IF 100 protocol", text))
             continue
         imbalance = IMBALANCE[part]
@@ -219,8 +258,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             variants, part_seeds = parse_variants(",".join(VARIANTS[part])), seeds
             part_config, part_overrides = config, [*overrides, f"data.imbalance_factor={imbalance}"]
-        summary = compare(part_config, part_overrides, variants, part_seeds, out_dir / FOLDERS[part])
-        table, top1 = result_table(summary, PUBLISHED[imbalance])
+        if chosen is not None and part != "fullsize":
+            known = {v.label for v in variants}
+            unknown = [label for label in chosen if label not in known]
+            if unknown:
+                raise UserError(f"--variants: {', '.join(unknown)} not in part {part} (its variants: "
+                                f"{', '.join(sorted(known))})")
+            to_run = parse_variants(",".join(chosen))
+        else:
+            to_run = variants
+        if not args.report_only:
+            compare(part_config, part_overrides, to_run, part_seeds, out_dir / FOLDERS[part])
+        table, top1 = result_table(finished_results(out_dir / FOLDERS[part], variants, part_seeds),
+                                   PUBLISHED[imbalance])
         where = " at full size (fmnist_lt_if100, 15 epochs)" if part == "fullsize" else " (fmnist_lt_cpu)"
         generating = [v.label for v in variants if v.label not in NON_GENERATING] if part == "fullsize" else GENERATING
         body = table + "\n\n" + verdict(top1, generating=generating)
@@ -237,10 +287,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mlo.errors import UserError
+    from experiments.bench import run_script
 
-    try:
-        sys.exit(main())
-    except UserError as exc:
-        print(f"fmnist_lt: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "fmnist_lt")

@@ -74,10 +74,10 @@ def pretrain_and_score(cfg, images: int | None, epochs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.cli import resolve_config_path, split_args
-    from experiments.compare import parse_seeds
+    from experiments.config_files import resolve_config_path, split_args
+    from experiments.variants import parse_seeds
     from mlo.checkpoint import atomic_write
-    from mlo.config import load_config
+    from experiments.config_files import load_run_config
     from mlo.report import markdown_table
 
     parser = argparse.ArgumentParser(prog="python -m experiments.bench.gan_quality", description=__doc__,
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     config_arg, overrides = split_args(args.items)
     path = resolve_config_path(config_arg)
     candidates, seeds = parse_candidates(args.candidates), parse_seeds(args.seeds)
-    root = Path(load_config(path, overrides).run.out_dir).expanduser() / "gan_quality"
-    configs = {(name, seed): load_config(path, [f"run.gan_cache={root / 'gan_cache'}", "run.progress=false", *overrides,
+    root = Path(load_run_config(path, overrides).run.out_dir).expanduser() / "gan_quality"
+    configs = {(name, seed): load_run_config(path, [f"run.gan_cache={root / 'gan_cache'}", "run.progress=false", *overrides,
                                                 *extra, f"run.seed={seed}"])
                for name, extra in candidates for seed in seeds}  # every candidate checked before any trains
     root.mkdir(parents=True, exist_ok=True)
@@ -121,10 +121,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mlo.errors import UserError
+    from experiments.bench import run_script
 
-    try:
-        sys.exit(main())
-    except UserError as exc:
-        print(f"gan_quality: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "gan_quality")

@@ -41,11 +41,12 @@ class Setting:
 
 
 def settings() -> list[Setting]:
-    from experiments.modes import MODES
+    from experiments.registry import registered_modes
 
     out = []
     for precision in ("fp32", "bf16", "fp16"):
-        out.append(Setting(f"cifar {precision} exact", CIFAR, (f"train.precision={precision}",), tuple(MODES)))
+        out.append(Setting(f"cifar {precision} exact", CIFAR, (f"train.precision={precision}",),
+                           tuple(m.name for m in registered_modes())))
         out.append(Setting(f"cifar {precision} darts", CIFAR, (f"train.precision={precision}", "train.hypergradient=darts"),
                            ("vanilla", "end2end")))
     out.append(Setting("cifar bf16 syncs", CIFAR, ("train.precision=bf16",), ("vanilla", "end2end"), check_syncs=True))
@@ -60,15 +61,15 @@ def settings() -> list[Setting]:
 def run_setting(setting: Setting, iters: int, warmup: int) -> list[dict]:
     """Each mode of ``setting`` timed (``needsgen bench``'s timing); a failing mode gives a row with its error."""
     from experiments.bench.speed import time_mode
-    from experiments.cli import resolve_config_path
-    from mlo.config import load_config
+    from experiments.config_files import resolve_config_path
+    from experiments.config_files import load_run_config
 
     rows = []
     for mode in setting.modes:
         start = time.perf_counter()
         try:
             path = resolve_config_path(setting.config) if setting.config else None
-            cfg = load_config(path, [*setting.overrides, "run.progress=false"])
+            cfg = load_run_config(path, [*setting.overrides, "run.progress=false"])
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = time_mode(cfg, mode, iters, warmup, check_syncs=setting.check_syncs)

@@ -117,8 +117,8 @@ def _range(values, fmt: str = ".2e") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.cli import resolve_config_path, split_args
-    from mlo.config import load_config
+    from experiments.config_files import resolve_config_path, split_args
+    from experiments.config_files import load_run_config
 
     parser = argparse.ArgumentParser(prog="python -m experiments.bench.hypergradient",
                                      description=__doc__.split("\n\n")[0])
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hops", default=None, help="hop types to measure, e.g. darts,exact (default: the config's)")
     args = parser.parse_args(argv)
     config_arg, overrides = split_args(args.items)
-    base = load_config(resolve_config_path(config_arg), ["gan.gan_pretrain_steps=0"] + overrides)
+    base = load_run_config(resolve_config_path(config_arg), ["gan.gan_pretrain_steps=0"] + overrides)
     kinds = args.hops.split(",") if args.hops else [base.train.hypergradient]
     print(f"config {config_arg or 'digits_lt'}: dataset {base.data.dataset}, encoder {base.model.encoder}, "
           f"A {base.model.meta} ({base.model.meta_activation}), generator {base.gan.generator} (ch {base.gan.gan_ch}), "
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         reports = []
         for seed in args.seeds.split(","):
-            cfg = load_config(resolve_config_path(config_arg), ["gan.gan_pretrain_steps=0"] + overrides + [
+            cfg = load_run_config(resolve_config_path(config_arg), ["gan.gan_pretrain_steps=0"] + overrides + [
                 "train.mode=end2end", "run.progress=false", f"train.hypergradient={kind}", f"run.seed={seed}"])
             reports += measure(cfg, args.meta_steps)
         print("\n".join(summarise(kind, reports)), flush=True)

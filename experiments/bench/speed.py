@@ -115,14 +115,14 @@ class Breakdown:
 
 
 def time_mode(cfg, mode: str, iters: int, warmup: int, check_syncs: bool = False, breakdown: bool = False) -> dict:
-    from experiments.modes import MODES
+    from experiments.registry import get_mode
     from experiments.runner import Run
     from mlo.trainer import Phase, Trainer
 
     cfg = copy.deepcopy(cfg)  # each mode from the same settings
     cfg.set("train.mode", mode)
     cfg.set("gan.gan_pretrain_steps", 0)
-    if cfg.model.tie_encoders and not {"w2", "disc"} & set(MODES[mode].levels):
+    if cfg.model.tie_encoders and not {"w2", "disc"} & set(get_mode(mode).levels):
         cfg.set("model.tie_encoders", False)  # one classifier has nothing to share its encoder with
     run = Run(cfg)
     on_cuda = run.device.type == "cuda"
@@ -172,8 +172,8 @@ def breakdown_lines(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.cli import resolve_config_path, split_args
-    from mlo.config import load_config
+    from experiments.config_files import resolve_config_path, split_args
+    from experiments.config_files import load_run_config
     from mlo.errors import UserError
 
     parser = argparse.ArgumentParser(prog="needsgen bench", description=__doc__.split("\n\n")[0])
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CUDA only: warn at every host sync during the timed iterations")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options, as in run and compare
     config_arg, overrides = split_args(args.items)
-    cfg = load_config(resolve_config_path(config_arg), overrides + ["run.progress=false"])
+    cfg = load_run_config(resolve_config_path(config_arg), overrides + ["run.progress=false"])
     if args.check_syncs and not torch.cuda.is_available():
         raise UserError("--check-syncs needs a CUDA device (torch.cuda.set_sync_debug_mode)")
     modes = args.modes.split(",")
