@@ -381,9 +381,9 @@ class Run:
         self.trained_on = state.get("trained_on", {})
         if state.get("derived_from"):
             self.derived_from = Path(state["derived_from"])
-        pretrained, cache_file = state.get("gan_pretrained", (None, None))
-        if pretrained:
-            self.gan_pretrained, self.gan_cache_file = pretrained, Path(cache_file)
+        # the cache file is known from the start of pre-training, before the GAN is "trained" or "shared"
+        self.gan_pretrained, cache_file = state.get("gan_pretrained", (None, None))
+        self.gan_cache_file = Path(cache_file) if cache_file else None
         self.checkpoint_step = self.engine.global_step
         rng = own["rng"]
         torch.set_rng_state(rng["torch"].cpu())

@@ -85,3 +85,19 @@ def test_runs_share_a_pretrained_gan_and_end_as_if_they_had_pretrained_it(tmp_pa
         assert other["gan_pretrained"].startswith("trained: ")
     assert len(list((tmp_path / "cache").glob("pretrained-*.pt"))) == (2 if mode == "sequential" else 3)
     assert json.loads((tmp_path / "shared" / "metrics.json").read_text())["gan_pretrained"] == shared["gan_pretrained"]
+
+
+def test_a_run_stopped_during_pretraining_leaves_its_gan_for_others_when_resumed(tmp_path):
+    cache = f"run.gan_cache={tmp_path / 'cache'}"
+    cfg = tiny_config(*SHORT, "train.mode=end2end", cache, f"run.out_dir={tmp_path}", "run.name=stopped")
+    run = Run(cfg)
+    run.run_dir = prepare_run_dir(cfg, "stopped")
+    run.trainer.stop.signal = 2  # one pre-training iteration, then a checkpoint, as a stopped run leaves
+    run.trainer.run()
+    run.save_checkpoint()
+    assert not list((tmp_path / "cache").glob("*.pt"))
+    resumed = Run(tiny_config(*SHORT, "train.mode=end2end", cache, f"run.out_dir={tmp_path}", "run.name=stopped")
+                  ).execute(tmp_path / "stopped", resume=True)
+    assert resumed["gan_pretrained"].startswith("trained: ")
+    shared = finished(tmp_path, "shared", "train.mode=end2end", cache)
+    assert shared["gan_pretrained"] == resumed["gan_pretrained"].replace("trained: ", "shared: ")
