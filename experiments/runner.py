@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import signal
 import time
 from pathlib import Path
@@ -462,6 +463,10 @@ class Run:
     def share_pretrained_gan(self) -> None:
         """At the end of pre-training: leave the GAN where other runs with the same settings find it."""
         self.gan_pretrained = "trained"
+        if self.gan_cache_file is None:  # resumed from a checkpoint that lost it (written before bc413d5)
+            print(f"{self.cfg.run.name}: the pre-trained GAN's key was lost on an earlier resume; not shared",
+                  file=sys.stderr)
+            return
         state = {"format": CHECKPOINT_FORMAT, "steps": self.cfg.gan.gan_pretrain_steps,
                  "seconds": self.trainer.phase_seconds.get(PRETRAINING, 0.0),
                  "levels": {name: self.levels[name].level_state() for name in GAN_LEVELS},
