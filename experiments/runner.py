@@ -82,7 +82,7 @@ def resolve_device(name: str, processes: Processes = Processes()) -> torch.devic
             device = torch.device("cuda", processes.local_rank)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"run.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
-        # what runs on "the current device" (streams, autocast, compiled kernels, a bare .cuda()) runs on this one
+        # what runs on "the current device" (streams, autocast, compiled kernels) runs on this one
         torch.cuda.set_device(device if device.index is not None else torch.device("cuda", 0))
     return device
 
