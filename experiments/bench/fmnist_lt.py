@@ -213,10 +213,9 @@ def gan_section(root: Path, seed: int, measure_missing: bool = True) -> tuple[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.config_files import resolve_config_path
     from experiments.compare import compare
+    from experiments.config_files import load_run_config, resolve_config_path
     from experiments.variants import parse_seeds, parse_variants
-    from experiments.config_files import load_run_config
     from mlo.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m experiments.bench.fmnist_lt", description=__doc__,
