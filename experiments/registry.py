@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class LevelEntry:
     builder: Callable
-    settings: type | None
     origin: str  # the module that registered it
 
 
@@ -59,7 +58,7 @@ def register_level(kind: str, settings: type | None = None):
                               f"{_LEVELS[kind].origin}); choose another name for the one in {_origin(builder)}")
         if settings is not None:
             register_level_settings(kind, settings)
-        _LEVELS[kind] = LevelEntry(builder, settings, _origin(builder))
+        _LEVELS[kind] = LevelEntry(builder, _origin(builder))
         return builder
     return wrap
 

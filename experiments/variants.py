@@ -11,12 +11,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.config_files import POSTHOC_SETTINGS
+from experiments.config_files import GENOTYPE, POSTHOC_SETTINGS
 from experiments.registry import get_mode
 from mlo.config import resolve_key
 from mlo.errors import ConfigError, UserError
-
-GENOTYPE = "genotype.json"
 
 
 @dataclass(frozen=True)
