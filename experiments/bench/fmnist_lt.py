@@ -79,13 +79,17 @@ def paired_on_common_seeds(a: dict[int, float], b: dict[int, float]) -> dict:
     return paired_test([a[s] for s in common], [b[s] for s in common])
 
 
+def finished_runs(root: Path, folder: str, seeds: list[int]) -> dict[int, dict]:
+    """The metrics of the finished runs ``<folder>-seed<s>`` under ``root``, by seed."""
+    from experiments.config_files import METRICS
+
+    runs = {s: root / f"{folder}-seed{s}" / METRICS for s in seeds}
+    return {s: json.loads(p.read_text()) for s, p in runs.items() if p.is_file()}
+
+
 def finished_results(root: Path, variants, seeds: list[int]) -> dict[str, dict[int, dict]]:
     """The metrics of every finished (variant, seed) run under ``root``, by variant label and seed."""
-    results = {}
-    for v in variants:
-        runs = {s: root / f"{v.folder}-seed{s}" / "metrics.json" for s in seeds}
-        results[v.label] = {s: json.loads(p.read_text()) for s, p in runs.items() if p.is_file()}
-    return results
+    return {v.label: finished_runs(root, v.folder, seeds) for v in variants}
 
 
 def result_table(results: dict[str, dict[int, dict]], published: dict[str, float]
@@ -143,14 +147,10 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
     GAN-train per class."""
     from mlo.report import markdown_table
 
-    def load(variant):
-        runs = {s: root / f"{variant}-seed{s}" / "metrics.json" for s in seeds}
-        return {s: json.loads(p.read_text()) for s, p in runs.items() if p.is_file()}
-
     def per_class_acc(runs, common):
         return np.mean([runs[s]["after"]["per_class_acc"] for s in common], axis=0)
 
-    vanilla = load("vanilla")
+    vanilla = finished_runs(root, "vanilla", seeds)
     if not vanilla:
         return ""
     first = next(iter(vanilla.values()))
@@ -158,7 +158,7 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
     base = per_class_acc(vanilla, vanilla)
     header, columns = ["class", "real images", "vanilla %"], []
     for variant in ("end2end", "sequential"):
-        runs = load(variant)
+        runs = finished_runs(root, variant, seeds)
         common = sorted(set(runs) & set(vanilla))
         if not common:
             continue
@@ -183,12 +183,13 @@ def gan_section(root: Path, seed: int, measure_missing: bool = True) -> tuple[st
     """GAN-train (test, per class, held-out), GAN-test, FID and coverage of the end2end and sequential
     generators of seed ``seed`` (gan_metrics.json, measured if absent and ``measure_missing``)."""
     from experiments.cli import restore_generator_run
+    from experiments.config_files import METRICS
     from experiments.gan_eval import GAN_METRICS, measure, write_gan_metrics
 
     lines, scores = [], {}
     for variant in ("end2end", "sequential"):
         run_dir = root / f"{variant}-seed{seed}"
-        if not (run_dir / "metrics.json").is_file():
+        if not (run_dir / METRICS).is_file():
             continue
         path = run_dir / GAN_METRICS
         result = json.loads(path.read_text()) if path.is_file() else None

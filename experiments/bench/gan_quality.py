@@ -74,10 +74,9 @@ def pretrain_and_score(cfg, images: int | None, epochs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.config_files import resolve_config_path, split_args
+    from experiments.config_files import load_run_config, resolve_config_path, split_args
     from experiments.variants import parse_seeds
     from mlo.checkpoint import atomic_write
-    from experiments.config_files import load_run_config
     from mlo.report import markdown_table
 
     parser = argparse.ArgumentParser(prog="python -m experiments.bench.gan_quality", description=__doc__,

@@ -61,8 +61,7 @@ def settings() -> list[Setting]:
 def run_setting(setting: Setting, iters: int, warmup: int) -> list[dict]:
     """Each mode of ``setting`` timed (``needsgen bench``'s timing); a failing mode gives a row with its error."""
     from experiments.bench.speed import time_mode
-    from experiments.config_files import resolve_config_path
-    from experiments.config_files import load_run_config
+    from experiments.config_files import load_run_config, resolve_config_path
 
     rows = []
     for mode in setting.modes:

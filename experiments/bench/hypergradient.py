@@ -117,8 +117,7 @@ def _range(values, fmt: str = ".2e") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.config_files import resolve_config_path, split_args
-    from experiments.config_files import load_run_config
+    from experiments.config_files import load_run_config, resolve_config_path, split_args
 
     parser = argparse.ArgumentParser(prog="python -m experiments.bench.hypergradient",
                                      description=__doc__.split("\n\n")[0])

@@ -172,8 +172,7 @@ def breakdown_lines(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.config_files import resolve_config_path, split_args
-    from experiments.config_files import load_run_config
+    from experiments.config_files import load_run_config, resolve_config_path, split_args
     from mlo.errors import UserError
 
     parser = argparse.ArgumentParser(prog="needsgen bench", description=__doc__.split("\n\n")[0])
