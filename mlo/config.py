@@ -378,7 +378,7 @@ def resolve_key(key: str) -> tuple[str, str]:
             return section, name
     close = difflib.get_close_matches(key, keys + [k.split(".", 1)[1] for k in keys], n=1)
     if key.startswith(f"{LEVELS}.") and not close:
-        kind = key.split(".")[1] if key.count(".") >= 1 else ""
+        kind = key.split(".")[1]
         hint = (f" (level kind '{kind}' declares no settings; a level's settings come with the plugin that "
                 f"registers it, run.plugins)")
     else:
@@ -457,7 +457,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _plugins_of(data: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> list[str]:
     """``run.plugins`` as a YAML mapping and overrides give it (the last override wins)."""
-    plugins = (data.get("run") or {}).get("plugins") if isinstance(data.get("run"), dict) else None
+    plugins = data["run"].get("plugins") if isinstance(data.get("run"), dict) else None
     for key, value in overrides:
         if key in ("run.plugins", "plugins"):
             plugins = value
