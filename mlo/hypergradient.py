@@ -158,6 +158,11 @@ class SweepPlan:
     order: tuple
     targets: dict
 
+    @property
+    def starts(self) -> tuple:
+        """The levels the hops start from; none when every level below is first-order (no hop to make)."""
+        return self.first if any(level.config.type != "first_order" for level in self.order) else ()
+
     @classmethod
     def from_paths(cls, upper) -> "SweepPlan":
         first, edges = [], []
@@ -179,30 +184,36 @@ class SweepPlan:
         return cls(upper, tuple(first), tuple(order), targets)
 
 
-def _first_gradients(upper, loss: torch.Tensor, inputs) -> list[torch.Tensor]:
-    """The gradient of ``upper``'s loss with respect to ``inputs``; for a loss in chunks (``loss_chunks``),
-    the sum of each chunk's gradient of its share of the loss, one chunk's graph at a time."""
-    chunks = upper.loss_chunks()
-    if chunks is None:
-        return _zeros_for_none(torch.autograd.grad(loss, inputs, allow_unused=True), inputs)
-    total = None
+def gradients_in_chunks(upper, chunks) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``upper``'s loss over its batch cut in ``chunks`` (``loss_chunks``), and its gradient with respect to the
+    sweep's inputs: the sum of each chunk's gradient of its share of the loss, one chunk's graph at a time. The
+    value comes from the same forwards, so a chunked loss is evaluated once."""
+    inputs = sweep_inputs(upper)
+    value, total = None, None
     for share, batch in chunks:
         part = upper.training_step_exec(batch) * share
+        value = part.detach() if value is None else value + part.detach()
         if upper.scaler is not None:
             part = upper.scaler.scale(part)
         grads = _zeros_for_none(torch.autograd.grad(part, inputs, allow_unused=True), inputs)
         total = grads if total is None else torch._foreach_add(total, grads)
-    return total
+    return value, total
+
+
+def sweep_inputs(upper) -> list[torch.Tensor]:
+    """What the sweep differentiates ``upper``'s loss by: its own parameters, then those of the levels the
+    hops start from."""
+    return upper.trainable_parameters() + [p for level in upper.sweep_plan.starts for p in level.trainable_parameters()]
 
 
 def hypergradient(upper, loss: torch.Tensor) -> list[torch.Tensor]:
     """The gradient of ``upper``'s parameters: direct plus every path's hops, in one sweep."""
     plan = upper.sweep_plan
-    params = upper.trainable_parameters()
-    hopping = any(level.config.type != "first_order" for level in plan.order)
-    first = list(plan.first) if hopping else []
-    inputs = params + [p for level in first for p in level.trainable_parameters()]
-    flat = _first_gradients(upper, loss, inputs)
+    params, first = upper.trainable_parameters(), plan.starts
+    flat = upper.take_chunk_gradients()  # a loss in chunks was differentiated as it was evaluated
+    if flat is None:
+        inputs = sweep_inputs(upper)
+        flat = _zeros_for_none(torch.autograd.grad(loss, inputs, allow_unused=True), inputs)
     total = flat[:len(params)]
     pending = {level.name: vector for level, vector in zip(first, _split(flat[len(params):], first))}
     for level in plan.order:

@@ -37,7 +37,7 @@ A subclass is small: ``prepare_batch`` and ``training_step``, sometimes ``forwar
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
@@ -47,7 +47,7 @@ from betty.configs import Config
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 from mlo.betty_compat import CompatProblem
-from mlo.hypergradient import SweepPlan, hypergradient
+from mlo.hypergradient import SweepPlan, gradients_in_chunks, hypergradient
 from mlo.data.loaders import derive_seed, stream_seed
 from mlo.distributed import any_process
 
@@ -158,6 +158,7 @@ class LevelProblem(CompatProblem):
         self.lender = lender       # the name of that level, which steps it
         self.lent: dict[int, torch.Tensor] = {}  # (as a lender) borrowers' gradients of its weights, by id
         self.chunk_size: int | None = None  # a level with paths: images per forward-backward of its own loss
+        self._chunk_gradients: list[torch.Tensor] | None = None  # of its loss in chunks, for the sweep
 
     # ----- randomness, drawn in get_batch -------------------------------------------------------
     def initialize(self):
@@ -222,12 +223,11 @@ class LevelProblem(CompatProblem):
             owned.append(norms[stream])
         return owned
 
-    def loss_chunks(self) -> list[tuple[float, dict[str, Any]]] | None:
-        """The own step's batch cut into pieces of ``chunk_size`` images, each with its share of the batch, so
+    def loss_chunks(self, batch: dict[str, Any]) -> list[tuple[float, dict[str, Any]]] | None:
+        """The own step's ``batch`` cut into pieces of ``chunk_size`` images, each with its share of the batch, so
         that the shares' weighted sum of the pieces' mean losses is the batch's mean loss; None: one piece."""
         if not self.chunk_size:
             return None
-        batch = self.cur_batch
         n = len(batch["y"])
         if n <= self.chunk_size:
             return None
@@ -237,11 +237,14 @@ class LevelProblem(CompatProblem):
 
     def get_loss(self, batch):
         self._own_step = True
-        chunked = bool(self.paths) and self.chunk_size and len(batch["y"]) > self.chunk_size
+        chunks = self.loss_chunks(batch) if self.paths else None
+        self._chunk_gradients = None
         try:
-            # a chunked loss is differentiated piece by piece in backward: here only its value, without a graph
-            with torch.no_grad() if chunked else nullcontext():
+            if chunks is None:
                 loss, loss_dict = super().get_loss(batch)
+            else:  # differentiated chunk by chunk as it is evaluated; the hypergradient takes those gradients
+                loss, self._chunk_gradients = gradients_in_chunks(self, chunks)
+                loss_dict = {"loss": loss}
             self._loss_finite = torch.isfinite(loss_dict["loss"])
             self.record("loss", torch.where(self._loss_finite, loss_dict["loss"], 0.0))
             self.record("steps", self._loss_finite.float())
@@ -266,6 +269,11 @@ class LevelProblem(CompatProblem):
             getattr(self, self.lender).lend(borrowed, grads[len(params):])
             return
         self.set_grads(params, hypergradient(self, loss))
+
+    def take_chunk_gradients(self) -> list[torch.Tensor] | None:
+        """The sweep's first gradients of a loss evaluated in chunks (once: None after), else None."""
+        grads, self._chunk_gradients = self._chunk_gradients, None
+        return grads
 
     @cached_property
     def sweep_plan(self) -> SweepPlan:

@@ -399,12 +399,22 @@ def test_a_meta_loss_in_chunks_has_the_gradient_of_the_whole_batch():
                         *([f"train.meta_chunk={chunk}"] if chunk else []))
         meta = run.levels["meta"]
         assert meta.chunk_size == chunk
-        seen = []
+        seen, forwards, step = [], [], meta.training_step
         meta.grad_callback = lambda meta=meta, seen=seen: seen.append(_flat([p.grad for p in meta.trainable_parameters()]).clone())
+
+        def count(batch, meta=meta, forwards=forwards, step=step):
+            if meta._own_step:
+                forwards.append(len(batch["y"]))
+            return step(batch)
+
+        meta.training_step = count
         Trainer(run.engine, [Phase("check", 4)], progress=False).run()
         assert len(seen) == 2
         grads[chunk] = seen
         if chunk:
-            assert len(meta.loss_chunks()) == 6 and sum(share for share, _ in meta.loss_chunks()) == pytest.approx(1.0)
+            chunks = meta.loss_chunks(meta.cur_batch)
+            assert len(chunks) == 6 and sum(share for share, _ in chunks) == pytest.approx(1.0)
+        # A's own loss is evaluated once a step: the chunks' forwards give both its value and its gradient
+        assert forwards == ([7] * 5 + [5]) * 2 if chunk else forwards == [40, 40]
     for whole, chunked in zip(grads[None], grads[7]):
         assert torch.allclose(whole, chunked, rtol=1e-5, atol=1e-7)
