@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 PARTS = ("if100", "if20", "gan", "fullsize")
 NON_GENERATING = ("vanilla", "vanilla:posthoc=logit_adjust", "vanilla:posthoc=crt", "vanilla:loss=balanced_softmax",
@@ -156,19 +157,26 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
     first = next(iter(vanilla.values()))
     classes, counts = first["classes"], first["train_counts"]
     base = per_class_acc(vanilla, vanilla)
-    header, columns = ["class", "real images", "vanilla %"], []
+    header, columns, correlations = ["class", "real images", "vanilla %"], [], []
     for variant in ("end2end", "sequential"):
         runs = finished_runs(root, variant, seeds)
         common = sorted(set(runs) & set(vanilla))
         if not common:
             continue
+        generated = np.mean([runs[s]["generated_per_class"] for s in common], axis=0)
+        change = 100 * (per_class_acc(runs, common) - per_class_acc(vanilla, common))
         header += [f"{variant}: generated", f"{variant}: W2 − vanilla (pp, {len(common)} seeds)"]
-        columns.append((np.mean([runs[s]["generated_per_class"] for s in common], axis=0),
-                        100 * (per_class_acc(runs, common) - per_class_acc(vanilla, common))))
+        columns.append((generated, change))
+        against = {"generated / real images": generated / np.asarray(counts), "vanilla's accuracy": base}
         if gan_train and variant in gan_train:
             header.append(f"{variant}: GAN-train %")
-            columns.append((100 * np.array([gan_train[variant]["gan_train_per_class"][str(c)]
-                                            for c in range(len(classes))]),))
+            quality = 100 * np.array([gan_train[variant]["gan_train_per_class"][str(c)] for c in range(len(classes))])
+            columns.append((quality,))
+            against["GAN-train"] = quality
+        # with ten classes only a strong rank correlation stands out: these are descriptions, not tests of a goal
+        correlations.append(f"- `{variant}`, W2 − vanilla over the {len(classes)} classes, Spearman's ρ against " + "; ".join(
+            f"{what} {rho:+.2f} (p = {pvalue:.2g})"
+            for what, (rho, pvalue) in ((w, stats.spearmanr(change, x)) for w, x in against.items())) + ".")
     rows = []
     for c, (name, n) in enumerate(zip(classes, counts)):
         cells = [name, str(n), f"{100 * base[c]:.1f}"]
@@ -176,7 +184,7 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
             cells += [f"{column[0][c]:.0f}" if len(column) == 2 else f"{column[0][c]:.1f}"] + (
                 [f"{column[1][c]:+.1f}"] if len(column) == 2 else [])
         rows.append(cells)
-    return markdown_table(header, rows)
+    return "\n\n".join([markdown_table(header, rows), "\n".join(correlations)])
 
 
 def gan_section(root: Path, seed: int, measure_missing: bool = True) -> tuple[str, dict[str, dict]]:
