@@ -106,6 +106,7 @@ class GeneratorProblem(LevelProblem):
         self.topk = (topk_decay, topk_min_fraction)
         self.ema = None
         self.ema_count = 0  # updates of the EMA so far (also its n_averaged, on the device)
+        self._ema_tensors = None  # (the EMA, its tensors and G's paired): see ema_tensors
         self.with_real = False  # set in initialize: D sees G's images beside real ones
 
     def initialize(self):
@@ -120,19 +121,28 @@ class GeneratorProblem(LevelProblem):
         ``AveragedModel.update_parameters`` reads its device counter twice per update: a wait for the device
         at every G step); the first update copies, then warm-up as in TF's ExponentialMovingAverage, so
         early averages are not swamped by the initialisation."""
-        module = unwrap(self.module)
-        pairs = list(zip([*self.ema.module.parameters(), *self.ema.module.buffers()],
-                         [*module.parameters(), *module.buffers()]))
         n = self.ema_count
-        copied = pairs if n == 0 else [(a, c) for a, c in pairs if not a.is_floating_point()]  # BN's batch counter
-        averaged = [] if n == 0 else [(a, c) for a, c in pairs if a.is_floating_point()]
-        if copied:
-            torch._foreach_copy_([a for a, _ in copied], [c for _, c in copied])
-        if averaged:
+        copied, averaged = (self.ema_tensors("all"), None) if n == 0 else (
+            self.ema_tensors("counters"), self.ema_tensors("floats"))  # counters: BN's batch counter
+        if copied[0]:
+            torch._foreach_copy_(*copied)
+        if averaged and averaged[0]:
             weight = 1.0 - min(self.ema_decay, (1.0 + n) / (10.0 + n))
-            torch._foreach_lerp_([a for a, _ in averaged], [c for _, c in averaged], weight)
+            torch._foreach_lerp_(*averaged, weight)
         self.ema.n_averaged += 1
         self.ema_count += 1
+
+    def ema_tensors(self, which: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The EMA's tensors and G's, paired (``all``, the ``floats`` it averages, the integer ``counters`` it
+        copies); listed once per EMA (walking G's modules at every G step costs milliseconds on a large G)."""
+        if self._ema_tensors is None or self._ema_tensors[0] is not self.ema:
+            module = unwrap(self.module)
+            pairs = list(zip([*self.ema.module.parameters(), *self.ema.module.buffers()],
+                             [*module.parameters(), *module.buffers()]))
+            split = lambda keep: ([a for a, c in pairs if keep(a)], [c for a, c in pairs if keep(a)])  # noqa: E731
+            self._ema_tensors = (self.ema, {"all": split(lambda a: True), "floats": split(torch.is_floating_point),
+                                            "counters": split(lambda a: not a.is_floating_point())})
+        return self._ema_tensors[1][which]
 
     def prepare_batch(self, data):
         n, dev = self.batch_size, self.device
@@ -185,6 +195,18 @@ class TruncationProblem(LevelProblem):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
         self.batch_size = batch_size
         self.num_classes = num_classes
+
+    def ema_tensors(self, which: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The EMA's tensors and G's, paired (``all``, the ``floats`` it averages, the integer ``counters`` it
+        copies); listed once per EMA (walking G's modules at every G step costs milliseconds on a large G)."""
+        if self._ema_tensors is None or self._ema_tensors[0] is not self.ema:
+            module = unwrap(self.module)
+            pairs = list(zip([*self.ema.module.parameters(), *self.ema.module.buffers()],
+                             [*module.parameters(), *module.buffers()]))
+            split = lambda keep: ([a for a, c in pairs if keep(a)], [c for a, c in pairs if keep(a)])  # noqa: E731
+            self._ema_tensors = (self.ema, {"all": split(lambda a: True), "floats": split(torch.is_floating_point),
+                                            "counters": split(lambda a: not a.is_floating_point())})
+        return self._ema_tensors[1][which]
 
     def prepare_batch(self, data):
         n, dev = self.batch_size, self.device

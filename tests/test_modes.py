@@ -15,7 +15,7 @@ from mlo.data.loaders import make_loader
 from mlo.metrics import predict
 from mlo.trainer import Phase, Trainer
 from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem, RefinedClassifierProblem)
-from problems.base import frozen_statistics
+from problems.base import frozen_statistics, stateful_layers
 from problems.multitask import MultiTaskGeneratorProblem
 from problems.sequential import PregeneratedClassifierProblem
 from tests.conftest import build_run
@@ -293,3 +293,21 @@ def test_frozen_statistics_copies_only_the_buffers_a_forward_writes():
     assert inside["constant"] is outside["constant"]
     assert all(inside[k] is not outside[k] for k in outside if k != "constant")
     assert all(torch.equal(b, outside[k]) for k, b in module.named_buffers())  # nothing moved
+
+
+def test_a_level_finds_the_layers_it_freezes_once_and_again_when_its_graph_changes():
+    """The stateful layers a level's evaluations leave alone are listed once per kind (own step: all but its
+    own; hop: all), not walked at every step, hop and chunk; a new graph is walked again."""
+    run = build_run("train.mode=end2end")
+    w2, gen = run.levels["w2"], run.levels["gen"]
+    hop = w2.frozen_layers()
+    assert w2.frozen_layers() is hop  # listed once
+    w2._own_step = True
+    try:
+        own = w2.frozen_layers()
+    finally:
+        w2._own_step = False
+    own_layers = {id(m) for m in stateful_layers([w2.module])}
+    assert own_layers and own_layers <= {id(m) for m in hop} and not own_layers & {id(m) for m in own}
+    w2.graph_modules = [gen.module]
+    assert w2.frozen_layers() == stateful_layers([gen.module]) and w2.frozen_layers()
