@@ -23,8 +23,8 @@ class Mode:
     levels are ready (not all of them); ``every_meta``: levels unrolled ``train.meta_every`` steps before their
     upper levels step; ``every``: an upper level that steps only every k-th time its lower levels are ready;
     ``phases``: names in ``experiments.phases``; ``generates``: W2 trains on generated images (the allocation is
-    reported); ``options``: config keys that only this mode (and the modes made from it) reads: set in another
-    mode, they are refused."""
+    reported); ``spare_pool``: the run reads the pool images no split uses (``sequential_real``); ``options``:
+    config keys that only this mode (and the modes made from it) reads: set in another mode, they are refused."""
     name: str
     description: str
     levels: tuple[str, ...]
@@ -36,6 +36,7 @@ class Mode:
     every_meta: tuple[str, ...] = ()
     every: dict[str, int] = field(default_factory=dict)
     generates: bool = False
+    spare_pool: bool = False
     options: tuple[str, ...] = ()
 
     def kind(self, level: str) -> str:
@@ -125,6 +126,17 @@ BUILT_IN = (
         l2u={"disc": ("gen",)},
         every_meta=("disc",),
         generates=True,
+        options=("train.w2_init",),
+    ),
+    Mode(
+        name="sequential_real",
+        description="analysis, not a method: sequential with a perfect generator; W2's extra images, as many a "
+                    "class as sequential generates, are real images of the class's pool that no split uses",
+        levels=("w1", "w2"),
+        phases=("w1", "w2_spare_pool"),
+        kinds={"w2": "w2_pregenerated"},
+        generates=True,
+        spare_pool=True,
         options=("train.w2_init",),
     ),
     Mode(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from mlo.budget import per_class_val_loss, sample_classes, uniform_noise
+from mlo.errors import DataError
 from mlo.data.loaders import make_loader, to_uint8
 from mlo.metrics import predict
 from mlo.models.gan.sampling import truncate
@@ -31,6 +32,8 @@ def build_phases(run) -> list[Phase]:
         "w1": lambda: Phase("W1", total, leaves=["w1"], epoch_length=epoch),
         "crt": lambda: Phase("cRT", cfg.train.crt_epochs * epoch, leaves=["crt"], epoch_length=epoch),
         "w2_pregenerated": lambda: Phase("W2", total, leaves=["w2"], epoch_length=epoch, setup=lambda: pregenerate(run)),
+        "w2_spare_pool": lambda: Phase("W2", total, leaves=["w2"], epoch_length=epoch,
+                                       setup=lambda: pregenerate(run, spare_pool=True)),
         "mlo_frozen_gan": lambda: Phase("W1, W2, A (GAN frozen)", total, leaves=["w1"], epoch_length=epoch),
     }
     return [phase for phase in (make[name]() for name in mode.phases) if phase is not None]
@@ -49,16 +52,16 @@ def renamed_stream(state: dict, old: str, new: str) -> dict:
 
 
 @torch.no_grad()
-def pregenerate(run) -> None:
+def pregenerate(run, spare_pool: bool = False) -> None:
     """Sequential mode: p(s) frozen from W1's loss on the whole validation set, the budget M of
-    images drawn once from the generator's moving average, installed as W2's generated set (and,
-    with ``train.w2_init=w1``, W2 started from W1's weights). Deterministic, so a run resumed inside
-    W2's phase rebuilds the same set."""
+    images drawn once from the generator's moving average (with ``spare_pool``: real images of the pool that
+    no split uses, as a perfect generator would give), installed as W2's generated set (and, with
+    ``train.w2_init=w1``, W2 started from W1's weights). Deterministic, so a run resumed inside W2's phase
+    rebuilds the same set."""
     ctx, data, device = run.ctx, run.data, run.device
     w1, w2 = run.levels["w1"], run.levels["w2"]
     if run.cfg.train.w2_init == "w1" and w2.count == 0:  # fine-tuning starts from W1 (not again on resume)
         w2.module.load_state_dict(renamed_stream(w1.module.state_dict(), "w1", "w2"))
-    ema = run.levels["gen"].ema.module.eval()
     run.engine.eval()
     logits, labels = predict(w1, make_loader("sequential", data.val_images, data.val_labels, GENERATION_CHUNK, device=device))
     stats = per_class_val_loss(logits.to(device), labels.to(device), data.num_classes)
@@ -67,13 +70,34 @@ def pregenerate(run) -> None:
     count = ctx.allocator.images_per_epoch(data.train_counts, stats)
     noise = torch.Generator(device=device).manual_seed(ctx.seed("sequential generation"))
     classes = sample_classes(p, uniform_noise((count, data.num_classes), noise, device))
-    tau = run.cfg.gan.truncation
+    if spare_pool:
+        images = spare_pool_images(data, classes.cpu(), ctx.seed("sequential spare pool"))
+    else:
+        ema, tau = run.levels["gen"].ema.module.eval(), run.cfg.gan.truncation
 
-    def latents(n):
-        z = torch.randn(n, ema.z_dim, generator=noise, device=device)
-        return z if tau is None else truncate(z, tau)
+        def latents(n):
+            z = torch.randn(n, ema.z_dim, generator=noise, device=device)
+            return z if tau is None else truncate(z, tau)
 
-    images = torch.cat([ema(latents(len(c)), c) for c in classes.split(GENERATION_CHUNK)])
-    w2.set_generated(to_uint8(images), classes, seed=ctx.seed("sequential generated order"))
+        images = to_uint8(torch.cat([ema(latents(len(c)), c) for c in classes.split(GENERATION_CHUNK)]))
+    w2.set_generated(images, classes, seed=ctx.seed("sequential generated order"))
     run.pregenerated = {"generated": torch.bincount(classes, minlength=data.num_classes).float(), "allocation": p}
     run.engine.train()
+
+
+def spare_pool_images(data, classes: torch.Tensor, seed: int) -> torch.Tensor:
+    """For each entry of ``classes``, a different real image of that class from the pool no split uses (drawn
+    in a seeded order); a class whose pool has too few is refused, naming it."""
+    if data.spare_images is None:
+        raise DataError("train.mode=sequential_real needs the pool images the long-tail cut leaves unused, and "
+                        "this dataset has none (its splits are given); use a dataset cut by data.imbalance_factor")
+    labels = torch.as_tensor(data.spare_labels)
+    picks = torch.empty(len(classes), dtype=torch.long)
+    order = torch.Generator().manual_seed(seed)
+    for c in range(data.num_classes):
+        where, pool = (classes == c).nonzero().squeeze(1), (labels == c).nonzero().squeeze(1)
+        if len(where) > len(pool):
+            raise DataError(f"train.mode=sequential_real: class {data.classes[c]} gets {len(where)} images and its "
+                            f"unused pool has {len(pool)}; lower data.n_max or train.gen_per_real")
+        picks[where] = pool[torch.randperm(len(pool), generator=order)[:len(where)]]
+    return data.spare_images[picks]

@@ -128,7 +128,7 @@ class Run:
         if reason:
             raise ConfigError(f"run.compile={cfg.run.compile}: {reason}; use run.compile=none")
         self.mode = resolve_mode(cfg)
-        self.data = build_longtail(cfg.data)
+        self.data = build_longtail(cfg.data, spare=self.mode.spare_pool)
         self.ctx = BuildContext(cfg, self.data, self.mode, self.device, self.processes)
         problems = build_levels(self.ctx)
         self.levels = {p.name: p for p in problems}
@@ -547,7 +547,8 @@ class Run:
         if "generated_per_class" in metrics:
             plot_allocation(d / "allocation.png", metrics["classes"], metrics["generated_per_class"],
                             metrics["w1_val_acc_per_class"])
-            save_sample_grid(d / "samples.png", self.samples(), nrow=SAMPLES_PER_CLASS)
+            if "gen" in self.levels:
+                save_sample_grid(d / "samples.png", self.samples(), nrow=SAMPLES_PER_CLASS)
         if (d / ALLOCATION_LOG).exists():
             plot_allocation_over_time(d / "allocation_over_time.png", self._read_log(ALLOCATION_LOG))
         searched = self.write_genotype()

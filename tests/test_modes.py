@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from experiments.modes import BUILT_IN
-from experiments.phases import pregenerate
+from experiments.phases import build_phases, pregenerate
 from mlo.budget import ClassStats, WorstKAllocator, create_allocator
 from mlo.data.loaders import make_loader
 from mlo.metrics import predict
@@ -137,8 +137,8 @@ def test_adversarial_generator_plays_against_critic_and_classifier(tmp_path):
 
 
 def test_every_built_in_mode_is_covered_here():
-    assert {m.name for m in BUILT_IN} == {"end2end", "sequential", "separate", "mtl", "vanilla", "vanilla_meta",
-                                          "adversarial"}
+    assert {m.name for m in BUILT_IN} == {"end2end", "sequential", "sequential_real", "separate", "mtl", "vanilla",
+                                          "vanilla_meta", "adversarial"}
 
 
 def _stats(acc, loss, counts):
@@ -311,3 +311,31 @@ def test_a_level_finds_the_layers_it_freezes_once_and_again_when_its_graph_chang
     assert own_layers and own_layers <= {id(m) for m in hop} and not own_layers & {id(m) for m in own}
     w2.graph_modules = [gen.module]
     assert w2.frozen_layers() == stateful_layers([gen.module]) and w2.frozen_layers()
+
+
+def test_sequential_real_gives_w2_distinct_real_images_that_no_split_uses():
+    """sequential_real (analysis: sequential with a perfect generator): W2's extra set is the budget sequential
+    would generate (M images, classes drawn from W1's p(s)), each a different real image of its class from the
+    pool that neither the training, validation, held-out nor test sets use."""
+    from mlo.errors import DataError
+    from experiments.phases import spare_pool_images
+
+    run = build_run("train.mode=sequential_real", "data.dataset=synthetic", "data.image_size=4", "data.n_max=20",
+                    "data.imbalance_factor=4", "data.val_per_class=4")
+    assert "gen" not in run.levels and run.data.spare_images is not None
+    Trainer(run.engine, build_phases(run), progress=False).run()
+    generated = run.levels["w2"].train_data_loader[1]
+    images, labels = generated.images, generated.labels
+    assert len(labels) == sum(run.data.train_counts)  # M: one per real image (train.gen_per_real=1)
+    assert torch.equal(torch.bincount(labels, minlength=10).float(), run.pregenerated["generated"])
+    flat = lambda x: {bytes(v) for v in x.reshape(len(x), -1).numpy()}  # noqa: E731
+    spare = run.data.spare_images.reshape(len(run.data.spare_images), -1)
+    for c in range(10):
+        mine = images[labels == c]
+        assert len(flat(mine)) == len(mine)  # no image twice
+        assert flat(mine) <= flat(run.data.spare_images[torch.as_tensor(run.data.spare_labels) == c])
+    used = flat(run.data.train_images) | flat(run.data.val_images) | flat(run.data.holdout_images)
+    assert not flat(spare) & used
+    few = torch.full((10_000,), 3)
+    with pytest.raises(DataError, match="class synthetic3 gets 10000 images and its unused pool has"):
+        spare_pool_images(run.data, few, seed=0)

@@ -229,6 +229,6 @@ def test_a_mode_made_from_another_keeps_the_options_it_reads(tmp_path):
                                              "register_mode(get_mode('vanilla').named('my_vanilla', 'x'))\n")
     cfg = load_run_config(None, [*TINY, f"run.plugins={path}", "train.mode=my_sequential", "train.w2_init=w1"])
     assert resolve_mode(cfg).name == "my_sequential" and resolve_mode(cfg).options == ("train.w2_init",)
-    with pytest.raises(ConfigError, match="train.w2_init applies to train.mode=sequential or my_sequential only"):
+    with pytest.raises(ConfigError, match="train.w2_init applies to train.mode=sequential or sequential_real or my_sequential only"):
         resolve_mode(load_run_config(None, [*TINY, f"run.plugins={path}", "train.mode=my_vanilla",
                                             "train.w2_init=w1"]))

@@ -30,9 +30,13 @@ class LongTailData(ClassesAndShape):
     train_counts: list[int]
     holdout_images: ImageSet | None = None  # pool images the long-tail cut left out (up to 300 a class): for
     holdout_labels: np.ndarray | None = None  # choices that must not look at the test set; None where none are left
+    spare_images: ImageSet | None = None  # the rest of the pool, which no split uses: a perfect generator's images
+    spare_labels: np.ndarray | None = None
 
 
-def build_longtail(data_cfg) -> LongTailData:
+def build_longtail(data_cfg, spare: bool = False) -> LongTailData:
+    """The run's data; with ``spare``, also the pool's images that no split uses (kept only when asked for: on
+    CIFAR they are most of the training set)."""
     source = load_source(data_cfg)
     split = source.split if source.split is not None else longtail_split(
         source.train_labels, source.num_classes, data_cfg.imbalance_factor, data_cfg.val_per_class,
@@ -48,4 +52,6 @@ def build_longtail(data_cfg) -> LongTailData:
         classes=source.classes, train_counts=counts,
         **({"holdout_images": source.train_images[split.holdout], "holdout_labels": source.train_labels[split.holdout]}
            if len(split.holdout) else {}),
+        **({"spare_images": source.train_images[split.spare], "spare_labels": source.train_labels[split.spare]}
+           if spare and len(split.spare) else {}),
     )

@@ -32,11 +32,13 @@ def class_rng(seed: int, c: int) -> np.random.Generator:
 @dataclass
 class Split:
     """Indices into the source's training array; ``holdout``: images of the pool that neither the training
-    set nor the validation set uses (a selection set that is not the test set), per class in a seeded order."""
+    set nor the validation set uses (a selection set that is not the test set), per class in a seeded order;
+    ``spare``: the rest of the pool, which nothing else uses (the images of ``train.mode=sequential_real``)."""
     train: np.ndarray
     val: np.ndarray
     counts: list[int]
     holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    spare: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the pool after the holdout
 
 
 def longtail_split(labels: np.ndarray, num_classes: int, imbalance_factor: float,
@@ -69,7 +71,9 @@ def longtail_split(labels: np.ndarray, num_classes: int, imbalance_factor: float
                         f"lower data.imbalance_factor or raise data.n_max")
     train = np.concatenate([p[:n] for p, n in zip(pools, counts)])
     holdout = np.concatenate([p[n:n + HOLDOUT_PER_CLASS] for p, n in zip(pools, counts)])
-    return Split(train=np.sort(train), val=np.sort(np.concatenate(val)), counts=counts, holdout=np.sort(holdout))
+    spare = np.concatenate([p[n + HOLDOUT_PER_CLASS:] for p, n in zip(pools, counts)])
+    return Split(train=np.sort(train), val=np.sort(np.concatenate(val)), counts=counts, holdout=np.sort(holdout),
+                 spare=np.sort(spare))
 
 
 def balanced_holdout(labels: np.ndarray, num_classes: int, per_class: int, seed: int,
