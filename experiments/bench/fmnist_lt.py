@@ -13,8 +13,9 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   configurations (vanilla; its post-hoc logit adjustment and cRT; balanced softmax; LDAM-DRW; vanilla with
   A learned on the validation set, ``vanilla_meta``), the generating ones (end2end and sequential, each
   alone and with logit adjustment, cRT and balanced softmax stacked; end2end with the learned allocation;
-  end2end with the literal squared budget), and A's extensions against over-fitting the validation set
-  (weight decay 5e-4, validation plus class-balanced training batches) in vanilla_meta and end2end;
+  end2end with the literal squared budget), A's extensions against over-fitting the validation set
+  (weight decay 5e-4, validation plus class-balanced training batches) in vanilla_meta and end2end, and the
+  perfect-generator bound ``sequential_real`` (alone, with cRT, with balanced softmax: not counted as generating);
 - ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the A extensions and the squared budget;
 - ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100 (overall, per class,
   on held-out pool images), FID and coverage (``gan_metrics.json``);
@@ -49,7 +50,10 @@ GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", 
 EXTENSIONS = ("end2end:gen_budget=squared", "vanilla_meta:meta_weight_decay=0.0005",
               "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
               "end2end:meta_data=val_and_train")
-VARIANTS = {"if100": NON_GENERATING + GENERATING + EXTENSIONS, "if20": NON_GENERATING + GENERATING}
+# not configurations to choose: sequential with real images in place of generated ones bounds what a generator
+# could add at sequential's budget (compared with sequential and with the best non-generating row)
+PERFECT_GENERATOR = ("sequential_real", "sequential_real:posthoc=crt", "sequential_real:loss=balanced_softmax")
+VARIANTS = {"if100": NON_GENERATING + GENERATING + EXTENSIONS + PERFECT_GENERATOR, "if20": NON_GENERATING + GENERATING}
 FOLDERS = {"if100": "fmnist_if100", "if20": "fmnist_if20", "fullsize": "fmnist_if100_full"}
 IMBALANCE = {"if100": 100, "if20": 20, "fullsize": 100}
 # fmnist_lt_if100 at a CPU's budget: 15 epochs (decay at 12 and 14) instead of 100, and a VCGAN at 32x32
@@ -139,6 +143,15 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
             if t["n"]:
                 lines.append(f"`{a}` − `{b}` (the same expected budget M p_c): {t['mean_diff_pp']:+.2f} points "
                              f"on {t['n']} common seeds (p = {_p(t)}).")
+    for suffix in ("", ":posthoc=crt", ":loss=balanced_softmax"):
+        real = f"sequential_real{suffix}"
+        for other, what in ((f"sequential{suffix}", "real images in place of generated ones, the same budget"),
+                            (non, "a perfect generator against the best non-generating row")):
+            if other and top1.get(real) and top1.get(other):
+                t = paired_on_common_seeds(top1[real], top1[other])
+                if t["n"]:
+                    lines.append(f"`{real}` − `{other}` ({what}): {t['mean_diff_pp']:+.2f} points on {t['n']} "
+                                 f"common seeds (p = {_p(t)}).")
     return "\n".join(f"- {line}" for line in lines)
 
 
@@ -158,7 +171,7 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
     classes, counts = first["classes"], first["train_counts"]
     base = per_class_acc(vanilla, vanilla)
     header, columns, correlations = ["class", "real images", "vanilla %"], [], []
-    for variant in ("end2end", "sequential"):
+    for variant in ("end2end", "sequential", "sequential_real"):
         runs = finished_runs(root, variant, seeds)
         common = sorted(set(runs) & set(vanilla))
         if not common:
