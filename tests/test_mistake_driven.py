@@ -87,5 +87,5 @@ def test_mistake_driven_scheme_runs_and_fine_tunes_w2_from_w1(tmp_path):
 
 
 def test_w2_init_only_in_sequential():
-    with pytest.raises(ConfigError, match="train.w2_init applies to train.mode=sequential only"):
+    with pytest.raises(ConfigError, match="train.w2_init applies to train.mode=sequential or sequential_real only"):
         build_run("train.w2_init=w1")
