@@ -196,18 +196,6 @@ class TruncationProblem(LevelProblem):
         self.batch_size = batch_size
         self.num_classes = num_classes
 
-    def ema_tensors(self, which: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The EMA's tensors and G's, paired (``all``, the ``floats`` it averages, the integer ``counters`` it
-        copies); listed once per EMA (walking G's modules at every G step costs milliseconds on a large G)."""
-        if self._ema_tensors is None or self._ema_tensors[0] is not self.ema:
-            module = unwrap(self.module)
-            pairs = list(zip([*self.ema.module.parameters(), *self.ema.module.buffers()],
-                             [*module.parameters(), *module.buffers()]))
-            split = lambda keep: ([a for a, c in pairs if keep(a)], [c for a, c in pairs if keep(a)])  # noqa: E731
-            self._ema_tensors = (self.ema, {"all": split(lambda a: True), "floats": split(torch.is_floating_point),
-                                            "counters": split(lambda a: not a.is_floating_point())})
-        return self._ema_tensors[1][which]
-
     def prepare_batch(self, data):
         n, dev = self.batch_size, self.device
         return {
