@@ -169,7 +169,7 @@ class LevelProblem(CompatProblem):
         self.lent: dict[int, torch.Tensor] = {}  # (as a lender) borrowers' gradients of its weights, by id
         self.chunk_size: int | None = None  # a level with paths: images per forward-backward of its own loss
         self._chunk_gradients: list[torch.Tensor] | None = None  # of its loss in chunks, for the sweep
-        self._frozen_layers: dict[tuple, list[nn.Module]] = {}  # by (own step?, graph): see frozen_layers
+        self._frozen_layers: dict[tuple, list[nn.Module]] = {}  # by (own step?, graph): see layers_to_freeze
 
     # ----- randomness, drawn in get_batch -------------------------------------------------------
     def initialize(self):
@@ -192,10 +192,10 @@ class LevelProblem(CompatProblem):
 
     # ----- pure evaluation ----------------------------------------------------------------------
     def training_step_exec(self, batch):
-        with frozen_layers(self.frozen_layers()), forked_rng(batch["rng_seed"], self.device):
+        with frozen_layers(self.layers_to_freeze()), forked_rng(batch["rng_seed"], self.device):
             return super().training_step_exec(batch)
 
-    def frozen_layers(self) -> list[nn.Module]:
+    def layers_to_freeze(self) -> list[nn.Module]:
         """The graph's stateful layers this evaluation leaves alone: all of them in a hop, all but this level's
         own in its own step. Found once per kind and graph (a walk over every module of a ViT-B/16 graph costs
         about a millisecond, at every step, hop and chunk)."""

@@ -300,17 +300,17 @@ def test_a_level_finds_the_layers_it_freezes_once_and_again_when_its_graph_chang
     own; hop: all), not walked at every step, hop and chunk; a new graph is walked again."""
     run = build_run("train.mode=end2end")
     w2, gen = run.levels["w2"], run.levels["gen"]
-    hop = w2.frozen_layers()
-    assert w2.frozen_layers() is hop  # listed once
+    hop = w2.layers_to_freeze()
+    assert w2.layers_to_freeze() is hop  # listed once
     w2._own_step = True
     try:
-        own = w2.frozen_layers()
+        own = w2.layers_to_freeze()
     finally:
         w2._own_step = False
     own_layers = {id(m) for m in stateful_layers([w2.module])}
     assert own_layers and own_layers <= {id(m) for m in hop} and not own_layers & {id(m) for m in own}
     w2.graph_modules = [gen.module]
-    assert w2.frozen_layers() == stateful_layers([gen.module]) and w2.frozen_layers()
+    assert w2.layers_to_freeze() == stateful_layers([gen.module]) and w2.layers_to_freeze()
 
 
 def test_sequential_real_gives_w2_distinct_real_images_that_no_split_uses():
