@@ -17,8 +17,8 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   (weight decay 5e-4, validation plus class-balanced training batches) in vanilla_meta and end2end, and the
   perfect-generator bound ``sequential_real`` (alone, with cRT, with balanced softmax: not counted as generating);
 - ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the A extensions and the squared budget;
-- ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100 (overall, per class,
-  on held-out pool images), FID and coverage (``gan_metrics.json``);
+- ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100 and IF 20, those that have
+  run (overall, per class, on held-out pool images), FID and coverage (``gan_metrics.json``);
 - ``fullsize``: the best generating and the best non-generating variant of ``if100`` (``--fullsize-pair``,
   chosen by the if100 table) on ``fmnist_lt_if100`` (ResNet-32, the whole long-tailed set) for the epochs
   a CPU affords (``FULLSIZE``), ``--fullsize-seeds`` (folder ``fmnist_if100_full``).
@@ -28,7 +28,9 @@ and prints the tables of the runs finished so far (rows still running say so; te
 
 Each table gives mean ± std over seeds of the last epoch's test top-1 and Many/Medium/Few, and paired t-tests
 across seeds (scipy's ttest_rel, two-sided) against vanilla and against the best non-generating configuration
-(the one with the highest mean top-1). Every hyper-parameter was fixed before any of these runs (README).
+(the one with the highest mean top-1); then, for if100 and if20, per class: real images, W2's generated weight
+and its change in test accuracy against vanilla (with the first seed's generators' GAN-train per class when the gan
+part ran), and Spearman's rank correlations between them. Every hyper-parameter was fixed before any of these runs (README).
 Prints the tables and writes them to ``<out_dir>/fmnist_lt_protocol.md``.
 """
 from __future__ import annotations
@@ -266,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(load_run_config(config, args.overrides).run.out_dir).expanduser()
     overrides = ["run.progress=false", *args.overrides]
     chosen = [v.label for v in parse_variants(args.variants)] if args.variants else None
-    sections, gan_scores = [], None
+    sections, gan_scores = [], {}
     for part in parts:
         if part == "gan":
-            text, gan_scores = gan_section(out_dir / FOLDERS["if100"], seeds[0], measure_missing=not args.report_only)
-            sections.append(("The generators of the IF 100 protocol", text))
+            for measured in ("if100", "if20"):
+                text, gan_scores[measured] = gan_section(out_dir / FOLDERS[measured], seeds[0],
+                                                         measure_missing=not args.report_only)
+                if text:
+                    sections.append((f"The generators of the IF {IMBALANCE[measured]} protocol", text))
             continue
         imbalance = IMBALANCE[part]
         if part == "fullsize":
@@ -296,10 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         generating = [v.label for v in variants if v.label not in NON_GENERATING] if part == "fullsize" else GENERATING
         body = table + "\n\n" + verdict(top1, generating=generating)
         sections.append((f"Fashion-MNIST-LT, IF {imbalance}{where}", body))
-    if "if100" in parts:
-        analysis = per_class_analysis(out_dir / FOLDERS["if100"], seeds, gan_scores)
+    for part in ("if100", "if20"):
+        analysis = per_class_analysis(out_dir / FOLDERS[part], seeds, gan_scores.get(part)) if part in parts else ""
         if analysis:
-            sections.append(("Per class at IF 100: where the generated images go and what they change", analysis))
+            sections.append((f"Per class at IF {IMBALANCE[part]}: where the generated images go and what they change",
+                             analysis))
     text = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections) + "\n"
     (out_dir / "fmnist_lt_protocol.md").write_text(text)
     print(text)
