@@ -303,7 +303,10 @@ def test_meta_weight_net_hypergradient_matches_exact_reference():
 def test_learned_allocation_gets_the_hypergradient_through_w2_and_moves_p(hops):
     """train.allocator=learned: p(s) = softmax(logits), an upper level of W2 whose loss does not read the
     logits (no direct gradient), so their whole gradient is the hop through W2's step, against the exact one."""
-    smooth = SMOOTH if hops == "darts" else ()
+    # at the first step (p uniform) the logits' gradient is small, and a darts difference 1e-4 apart loses
+    # about 2% of cosine to fp32 round-off on some CPUs (0.982 on one, >= 0.99 on another); at 1e-3 it is
+    # 0.99996 and the truncation error on tanh networks is still negligible (1e-2 gives 1.0)
+    smooth = (*SMOOTH, "train.darts_alpha=1e-3") if hops == "darts" else ()
     run = build_run(*smooth, "train.allocator=learned", "train.meta_every=2", f"train.hypergradient={hops}",
                     "train.lr=0.05", "train.alloc_lr=0.05")
     alloc, w2 = run.levels["alloc"], run.levels["w2"]
