@@ -16,7 +16,7 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   end2end with the literal squared budget), A's extensions against over-fitting the validation set
   (weight decay 5e-4, validation plus class-balanced training batches) in vanilla_meta and end2end, and the
   perfect-generator bound ``sequential_real`` (alone, with cRT, with balanced softmax: not counted as generating);
-- ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the A extensions and the squared budget;
+- ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the perfect-generator rows;
 - ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100 and IF 20, those that have
   run (overall, per class, on held-out pool images), FID and coverage (``gan_metrics.json``);
 - ``fullsize``: the best generating and the best non-generating variant of ``if100`` (``--fullsize-pair``,
@@ -55,7 +55,7 @@ EXTENSIONS = ("end2end:gen_budget=squared", "vanilla_meta:meta_weight_decay=0.00
 # not configurations to choose: sequential with real images in place of generated ones bounds what a generator
 # could add at sequential's budget (compared with sequential and with the best non-generating row)
 PERFECT_GENERATOR = ("sequential_real", "sequential_real:posthoc=crt", "sequential_real:loss=balanced_softmax")
-VARIANTS = {"if100": NON_GENERATING + GENERATING + EXTENSIONS + PERFECT_GENERATOR, "if20": NON_GENERATING + GENERATING}
+VARIANTS = {"if100": NON_GENERATING + GENERATING + EXTENSIONS + PERFECT_GENERATOR, "if20": NON_GENERATING + GENERATING + EXTENSIONS}
 FOLDERS = {"if100": "fmnist_if100", "if20": "fmnist_if20", "fullsize": "fmnist_if100_full"}
 IMBALANCE = {"if100": 100, "if20": 20, "fullsize": 100}
 # fmnist_lt_if100 at a CPU's budget: 15 epochs (decay at 12 and 14) instead of 100, and a VCGAN at 32x32
