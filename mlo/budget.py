@@ -12,7 +12,12 @@
   budget. ``counted`` (the default) divides b_m by its expectation given p(o_m) (``expected_keep``,
   no gradient), so class c weighs ``M p_c`` in expectation at every temperature, the count of the
   paper's Table 3 and of the sequential baseline, and b_m still carries the relaxed gradient to p;
-  ``straight_through`` keeps the forward value hard (0 or 1) and the relaxed gradient.
+  ``straight_through`` keeps the forward value hard (0 or 1) and the relaxed gradient. Both relaxed
+  budgets weigh the stream unevenly: counted's weights are 0 or about 1/p(o_m) (E[w²] ≈ C as T → 0, so M
+  images are worth about M/C evenly weighted ones, and one image of a class at p = 0.01 weighs 100).
+  ``score`` (beyond the paper) gives every drawn image weight 1 (class c gets M p_c as drawn, sequential's
+  stream) and p its gradient by the score function ``p(o_m)/sg(p(o_m))``: unbiased for the gradient of the
+  expected generated loss ``M Σ_c p_c L_c``, with no keep-weights.
 - ``temperature``: exponential anneal from ``T0`` to ``T1``.
 
 All noise is an argument, so these are pure functions (finite-difference hops depend on it).
@@ -230,7 +235,7 @@ def sample_classes(p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 KEEP_FORMS = ("relaxed", "straight_through")
-BUDGETS = ("counted", "squared")
+BUDGETS = ("counted", "squared", "score")
 # nodes of the trapezoid rule behind expected_keep, in the logistic variable l = g1 - g2 (its density
 # is below 1e-13 beyond ±30; a spacing of 0.01 resolves the sigmoid's width T down to T = 0.05)
 _LOGISTIC_NODES = torch.linspace(-30.0, 30.0, 6001, dtype=torch.float64)
@@ -266,7 +271,10 @@ def budget_weights(p: torch.Tensor, classes: torch.Tensor, logistic: torch.Tenso
     """The weight of each generated image (of class ``classes[m]`` drawn from ``p``) in W2's loss:
     ``keep_weights``, and with the ``counted`` budget divided by its expectation (``expected_keep``), so
     that class c weighs ``M p_c`` in expectation (``squared``: ``≈ M p_c²``). The gradient to p is b_m's,
-    scaled by a positive constant per class."""
+    scaled by a positive constant per class. ``score``: 1 forward, the score function's gradient."""
+    if budget == "score":
+        drawn = p[classes]
+        return drawn / drawn.detach()
     keep = keep_weights(p[classes], logistic, temperature, form)
     if budget == "squared":
         return keep

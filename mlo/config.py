@@ -206,8 +206,10 @@ class TrainConfig:
                                          "count of the paper's Table 3 and of sequential) or squared (b_m as Eq. 4 "
                                          "writes it: the image is drawn with probability p and kept with probability "
                                          "about p, so class c weighs about M p_c^2, all generated images about M "
-                                         "sum(p^2))",
-                              choices=("counted", "squared"))
+                                         "sum(p^2)), or score (beyond the paper: every drawn image weighs 1, "
+                                         "M p_c a class as sequential draws them, and p gets the score "
+                                         "function's gradient instead of the Gumbel keep-weights)",
+                              choices=("counted", "squared", "score"))
     temperature_start: float = setting(1.0, "Gumbel-softmax temperature at the start", min=1e-6)
     temperature_end: float = setting(0.1, "Gumbel-softmax temperature at the end (exponential anneal)", min=1e-6)
     allocator: str = setting("needs", "how the generation budget is split between classes: needs (per-class "

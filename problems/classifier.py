@@ -119,8 +119,8 @@ class RefinedClassifierProblem(ClassifierProblem):
     before the next); o_m, δ_m and the Gumbel noise are drawn in ``prepare_batch``. The latents are
     truncated at the τ of a ``trunc`` level (learned) or at ``truncation`` (fixed), if either is given;
     ``keep_form`` is the form of b_m (``mlo.budget.keep_weights``) and ``budget`` whether b_m is divided by
-    its expectation (``counted``: class c weighs M p_c, the paper's count) or not (``squared``: M p_c²)
-    (``mlo.budget.budget_weights``); ``decov_weight`` adds the DeCov penalty of W2's features of the
+    its expectation (``counted``: class c weighs M p_c, the paper's count) or not (``squared``: M p_c²), or
+    replaced by 1 with the score function's gradient (``score``) (``mlo.budget.budget_weights``); ``decov_weight`` adds the DeCov penalty of W2's features of the
     generated images.
     """
 
@@ -218,7 +218,7 @@ class RefinedClassifierProblem(ClassifierProblem):
     def class_counts(self, p: torch.Tensor, temperature) -> torch.Tensor:
         """W2's class distribution per epoch, in images: the real counts plus λ times the generated weight
         each class gets in expectation from ``p`` (M p_c counted, about M p_c² squared); no gradient."""
-        share = p.detach() if self.budget == "counted" else p.detach() * expected_keep(p, temperature, self.keep_form)
+        share = p.detach() if self.budget != "squared" else p.detach() * expected_keep(p, temperature, self.keep_form)
         return self.train_counts + self.lambda_gen * self.gen_per_epoch * share
 
     def level_state(self):

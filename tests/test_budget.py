@@ -220,3 +220,26 @@ def test_end2end_weighs_generated_classes_by_the_counted_budget_by_default():
     batch = w2.get_batch()
     _, classes, keep, p, _ = w2.generate(batch)
     assert torch.allclose(keep, budget_weights(p, classes, batch["logistic"], batch["temperature"]))
+
+
+def test_the_score_budget_weighs_every_drawn_image_1_and_gives_p_the_expected_losss_gradient():
+    """``score``: forward weights exactly 1 (class c gets its draws, M p_c in expectation, an effective sample
+    size of M, where counted's 0-or-1/p weights give about M/C at low temperature); the gradient to p,
+    averaged over draws, is that of the expected generated loss Σ_c p_c L_c, i.e. L itself."""
+    g = torch.Generator().manual_seed(6)
+    m = 200_000
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], requires_grad=True)
+    per_class_loss = torch.tensor([0.2, 1.0, 2.0, 3.0])
+    classes = sample_classes(p, uniform_noise((m, 4), g, "cpu"))
+    noise = logistic_noise((m,), g, "cpu")
+    w = budget_weights(p, classes, noise, 0.1, budget="score")
+    assert torch.equal(w.detach(), torch.ones(m))
+    (grad,) = torch.autograd.grad((w * per_class_loss[classes]).sum() / m, p)
+    assert torch.allclose(grad, per_class_loss, rtol=0.03), grad
+
+    def effective_fraction(weights):
+        return float(weights.sum() ** 2 / (weights ** 2).sum() / m)
+
+    counted = budget_weights(p, classes, noise, 0.1, budget="counted").detach()
+    assert effective_fraction(w.detach()) == pytest.approx(1.0) and effective_fraction(counted) < 0.3
+    assert build_run("train.gen_budget=score").levels["w2"].budget == "score"

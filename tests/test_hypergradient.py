@@ -203,6 +203,14 @@ def test_default_hops_match_the_exact_reference_on_the_default_networks(seed):
         assert total >= 0.99 and hyper >= 0.99, reports
 
 
+@pytest.mark.parametrize("budget", ["squared", "score"])
+def test_default_hops_match_the_exact_reference_with_the_other_budgets(budget):
+    """The generated weights reach A and W1 through p: with Eq. 4's keep-weights and with the score function."""
+    run = build_run("train.meta_every=2", f"train.gen_budget={budget}")
+    reports = run_and_compare(run, iterations=4)
+    assert len(reports) == 2 and all(total >= 0.99 and hyper >= 0.99 for total, hyper in reports), reports
+
+
 @pytest.mark.parametrize("overrides", [
     ("run.seed=0",), ("run.seed=1",), ("run.seed=2",),
     # under bf16 autocast the hops (and meta's own step, where the hypergradient starts) run in fp32

@@ -13,8 +13,9 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   configurations (vanilla; its post-hoc logit adjustment and cRT; balanced softmax; LDAM-DRW; vanilla with
   A learned on the validation set, ``vanilla_meta``), the generating ones (end2end and sequential, each
   alone and with logit adjustment, cRT and balanced softmax stacked; end2end with the learned allocation;
-  end2end with the literal squared budget), A's extensions against over-fitting the validation set
-  (weight decay 5e-4, validation plus class-balanced training batches) in vanilla_meta and end2end, and the
+  end2end with the literal squared budget and with the score-function budget), A's extensions against
+  over-fitting the validation set (weight decay 5e-4, validation plus class-balanced training batches) in
+  vanilla_meta and end2end, and the
   perfect-generator bound ``sequential_real`` (alone, with cRT, with balanced softmax: not counted as generating);
 - ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the perfect-generator rows;
 - ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100 and IF 20, those that have
@@ -49,7 +50,7 @@ NON_GENERATING = ("vanilla", "vanilla:posthoc=logit_adjust", "vanilla:posthoc=cr
 GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", "end2end:loss=balanced_softmax",
               "sequential", "sequential:posthoc=logit_adjust", "sequential:posthoc=crt",
               "sequential:loss=balanced_softmax", "end2end:allocator=learned")
-EXTENSIONS = ("end2end:gen_budget=squared", "vanilla_meta:meta_weight_decay=0.0005",
+EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla_meta:meta_weight_decay=0.0005",
               "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
               "end2end:meta_data=val_and_train")
 # not configurations to choose: sequential with real images in place of generated ones bounds what a generator
