@@ -146,6 +146,18 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
             if t["n"]:
                 lines.append(f"`{a}` − `{b}` (the same expected budget M p_c): {t['mean_diff_pp']:+.2f} points "
                              f"on {t['n']} common seeds (p = {_p(t)}).")
+    if top1.get("end2end:gen_budget=score") and top1.get("sequential"):
+        t = paired_on_common_seeds(top1["end2end:gen_budget=score"], top1["sequential"])
+        if t["n"]:
+            lines.append(f"`end2end:gen_budget=score` − `sequential` (both M p_c images a class at weight 1): "
+                         f"{t['mean_diff_pp']:+.2f} points on {t['n']} common seeds (p = {_p(t)}).")
+    for option in (*GENERATING, *EXTENSIONS):  # one setting changed on the same runs (and pre-trained GANs)
+        base, _, change = option.partition(":")
+        if change and not change.startswith("posthoc=") and top1.get(option) and top1.get(base):
+            t = paired_on_common_seeds(top1[option], top1[base])
+            if t["n"]:
+                lines.append(f"`{option}` − `{base}` (`{change}` alone): {t['mean_diff_pp']:+.2f} points on "
+                             f"{t['n']} common seeds (p = {_p(t)}).")
     for suffix in ("", ":posthoc=crt", ":loss=balanced_softmax"):
         real = f"sequential_real{suffix}"
         for other, what in ((f"sequential{suffix}", "real images in place of generated ones, the same budget"),
