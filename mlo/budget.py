@@ -12,9 +12,9 @@
   budget. ``counted`` (the default) divides b_m by its expectation given p(o_m) (``expected_keep``,
   no gradient), so class c weighs ``M p_c`` in expectation at every temperature, the count of the
   paper's Table 3 and of the sequential baseline, and b_m still carries the relaxed gradient to p;
-  ``straight_through`` keeps the forward value hard (0 or 1) and the relaxed gradient. Both relaxed
-  budgets weigh the stream unevenly: counted's weights are 0 or about 1/p(o_m) (E[w²] ≈ C as T → 0, so M
-  images are worth about M/C evenly weighted ones, and one image of a class at p = 0.01 weighs 100).
+  ``straight_through`` keeps the forward value hard (0 or 1) and the relaxed gradient. Counted's weights
+  are right in expectation but uneven: 0 or about 1/p(o_m) (E[w²] ≈ C as T → 0, so M images are worth
+  about M/C evenly weighted ones, and one image of a class at p = 0.01 weighs 100).
   ``score`` (beyond the paper) gives every drawn image weight 1 (class c gets M p_c as drawn, sequential's
   stream) and p its gradient by the score function ``p(o_m)/sg(p(o_m))``: unbiased for the gradient of the
   expected generated loss ``M Σ_c p_c L_c``, with no keep-weights.

@@ -120,8 +120,8 @@ class RefinedClassifierProblem(ClassifierProblem):
     truncated at the τ of a ``trunc`` level (learned) or at ``truncation`` (fixed), if either is given;
     ``keep_form`` is the form of b_m (``mlo.budget.keep_weights``) and ``budget`` whether b_m is divided by
     its expectation (``counted``: class c weighs M p_c, the paper's count) or not (``squared``: M p_c²), or
-    replaced by 1 with the score function's gradient (``score``) (``mlo.budget.budget_weights``); ``decov_weight`` adds the DeCov penalty of W2's features of the
-    generated images.
+    replaced by 1 with the score function's gradient (``score``) (``mlo.budget.budget_weights``);
+    ``decov_weight`` adds the DeCov penalty of W2's features of the generated images.
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
@@ -217,7 +217,7 @@ class RefinedClassifierProblem(ClassifierProblem):
 
     def class_counts(self, p: torch.Tensor, temperature) -> torch.Tensor:
         """W2's class distribution per epoch, in images: the real counts plus λ times the generated weight
-        each class gets in expectation from ``p`` (M p_c counted, about M p_c² squared); no gradient."""
+        each class gets in expectation from ``p`` (M p_c counted or score, about M p_c² squared); no gradient."""
         share = p.detach() if self.budget != "squared" else p.detach() * expected_keep(p, temperature, self.keep_form)
         return self.train_counts + self.lambda_gen * self.gen_per_epoch * share
 

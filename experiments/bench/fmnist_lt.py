@@ -15,8 +15,8 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   alone and with logit adjustment, cRT and balanced softmax stacked; end2end with the learned allocation;
   end2end with the literal squared budget and with the score-function budget), A's extensions against
   over-fitting the validation set (weight decay 5e-4, validation plus class-balanced training batches) in
-  vanilla_meta and end2end, and the
-  perfect-generator bound ``sequential_real`` (alone, with cRT, with balanced softmax: not counted as generating);
+  vanilla_meta and end2end, and the perfect-generator bound ``sequential_real`` (alone, with cRT, with
+  balanced softmax: not counted as generating);
 - ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the perfect-generator rows;
 - ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100 and IF 20, those that have
   run (overall, per class, on held-out pool images), FID and coverage (``gan_metrics.json``);
@@ -56,7 +56,8 @@ EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla
 # not configurations to choose: sequential with real images in place of generated ones bounds what a generator
 # could add at sequential's budget (compared with sequential and with the best non-generating row)
 PERFECT_GENERATOR = ("sequential_real", "sequential_real:posthoc=crt", "sequential_real:loss=balanced_softmax")
-VARIANTS = {"if100": NON_GENERATING + GENERATING + EXTENSIONS + PERFECT_GENERATOR, "if20": NON_GENERATING + GENERATING + EXTENSIONS}
+VARIANTS = {"if100": NON_GENERATING + GENERATING + EXTENSIONS + PERFECT_GENERATOR,
+            "if20": NON_GENERATING + GENERATING + EXTENSIONS}
 FOLDERS = {"if100": "fmnist_if100", "if20": "fmnist_if20", "fullsize": "fmnist_if100_full"}
 IMBALANCE = {"if100": 100, "if20": 20, "fullsize": 100}
 # fmnist_lt_if100 at a CPU's budget: 15 epochs (decay at 12 and 14) instead of 100, and a VCGAN at 32x32
@@ -139,18 +140,15 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
         lines.append(f"Best generating `{gen}` {100 * np.mean(list(top1[gen].values())):.2f} against best "
                      f"non-generating `{non}` {100 * np.mean(list(top1[non].values())):.2f}: "
                      f"{t['mean_diff_pp']:+.2f} points on their {t['n']} common seeds (p = {_p(t)}).")
-    for suffix in ("", ":posthoc=logit_adjust", ":posthoc=crt", ":loss=balanced_softmax"):
-        a, b = f"end2end{suffix}", f"sequential{suffix}"
+    pairs = [(f"end2end{suffix}", f"sequential{suffix}", "the same expected budget M p_c")
+             for suffix in ("", ":posthoc=logit_adjust", ":posthoc=crt", ":loss=balanced_softmax")]
+    pairs.append(("end2end:gen_budget=score", "sequential", "both M p_c images a class at weight 1"))
+    for a, b, what in pairs:
         if top1.get(a) and top1.get(b):
             t = paired_on_common_seeds(top1[a], top1[b])
             if t["n"]:
-                lines.append(f"`{a}` − `{b}` (the same expected budget M p_c): {t['mean_diff_pp']:+.2f} points "
+                lines.append(f"`{a}` − `{b}` ({what}): {t['mean_diff_pp']:+.2f} points "
                              f"on {t['n']} common seeds (p = {_p(t)}).")
-    if top1.get("end2end:gen_budget=score") and top1.get("sequential"):
-        t = paired_on_common_seeds(top1["end2end:gen_budget=score"], top1["sequential"])
-        if t["n"]:
-            lines.append(f"`end2end:gen_budget=score` − `sequential` (both M p_c images a class at weight 1): "
-                         f"{t['mean_diff_pp']:+.2f} points on {t['n']} common seeds (p = {_p(t)}).")
     for option in (*GENERATING, *EXTENSIONS):  # one setting changed on the same runs (and pre-trained GANs)
         base, _, change = option.partition(":")
         if change and not change.startswith("posthoc=") and top1.get(option) and top1.get(base):
