@@ -3,6 +3,9 @@ no run directory left behind that could pass for a finished run."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +161,14 @@ def test_an_existing_named_run_is_never_overwritten(tmp_path, monkeypatch, capsy
     code, err = run_cli(["run", "name=mine"], tmp_path, monkeypatch, capsys)
     assert_refused(code, err, "already exists; resume it with --resume")
     assert [p.name for p in existing.iterdir()] == ["metrics.json"] and (existing / "metrics.json").read_text() == "{}"
+
+
+def test_a_protocol_report_of_a_folder_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = subprocess.run([sys.executable, "-m", "experiments.bench.fmnist_lt", "--report-only", "--parts", "if100",
+                             f"run.out_dir={missing}"], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    err = result.stderr.strip()
+    assert result.returncode == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("fmnist_lt: error: run.out_dir="), err
+    assert "no such folder" in err and not missing.exists()

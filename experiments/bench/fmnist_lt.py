@@ -277,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = parse_seeds(args.seeds)
     config = resolve_config_path("fmnist_lt_cpu")
     out_dir = Path(load_run_config(config, args.overrides).run.out_dir).expanduser()
+    if args.report_only and not out_dir.is_dir():
+        raise UserError(f"run.out_dir={out_dir}: no such folder, so no run there to report (give the folder the "
+                        "protocol's runs were written to, or drop --report-only to train them)")
     overrides = ["run.progress=false", *args.overrides]
     chosen = [v.label for v in parse_variants(args.variants)] if args.variants else None
     sections, gan_scores = [], {}
@@ -318,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             sections.append((f"Per class at IF {IMBALANCE[part]}: where the generated images go and what they change",
                              analysis))
     text = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)  # parts that trained nothing (gan alone) leave it unmade
     (out_dir / "fmnist_lt_protocol.md").write_text(text)
     print(text)
     print(f"written to {out_dir / 'fmnist_lt_protocol.md'}", file=sys.stderr)
