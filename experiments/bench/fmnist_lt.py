@@ -18,8 +18,8 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   vanilla_meta and end2end, and the perfect-generator bound ``sequential_real`` (alone, with cRT, with
   balanced softmax: not counted as generating);
 - ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the perfect-generator rows;
-- ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100 and IF 20, those that have
-  run (overall, per class, on held-out pool images), FID and coverage (``gan_metrics.json``);
+- ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100, IF 20 and full size, those
+  that have run (overall, per class, on held-out pool images), FID and coverage (``gan_metrics.json``);
 - ``fullsize``: the best generating and the best non-generating variant of ``if100`` (``--fullsize-pair``,
   chosen by the if100 table) on ``fmnist_lt_if100`` (ResNet-32, the whole long-tailed set) for the epochs
   a CPU affords (``FULLSIZE``), ``--fullsize-seeds`` (folder ``fmnist_if100_full``).
@@ -31,7 +31,8 @@ Each table gives mean ± std over seeds of the last epoch's test top-1 and Many/
 across seeds (scipy's ttest_rel, two-sided) against vanilla and against the best non-generating configuration
 (the one with the highest mean top-1); then, for if100 and if20, per class: real images, W2's generated weight
 and its change in test accuracy against vanilla (with the first seed's generators' GAN-train per class when the gan
-part ran), and Spearman's rank correlations between them. Every hyper-parameter was fixed before any of these runs (README).
+part ran), and Spearman's rank correlations between them; for fullsize the same per class against the generating
+row's W1 (the plain classifier on the same real data), for each row of the pair. Every hyper-parameter was fixed before any of these runs (README).
 Prints the tables and writes them to ``<out_dir>/fmnist_lt_protocol.md``.
 """
 from __future__ import annotations
@@ -168,49 +169,74 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
     return "\n".join(f"- {line}" for line in lines)
 
 
-def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
-    """Per class, mean over seeds: real images, W2's generated weight per epoch and its change in test
-    accuracy against vanilla's (on the seeds both have), for end2end and sequential; with the generator's
-    GAN-train per class."""
+def per_class_table(baseline: dict[int, list[float]], baseline_label: str, compared: dict[str, dict[int, dict]],
+                    gan_train: dict[str, dict] | None) -> str:
+    """Per class, mean over seeds: real images and the baseline's test accuracy (``baseline``: per-class
+    accuracies by seed); then for each compared row, on the seeds it shares with the baseline, W2's generated
+    weight per epoch (rows that generate; a post-hoc correction does not change it), its change in test
+    accuracy against the baseline and its generator's GAN-train per class where measured (``gan_train`` by
+    row); and Spearman's rank correlations of each change with those."""
     from mlo.report import markdown_table
 
-    def per_class_acc(runs, common):
-        return np.mean([runs[s]["after"]["per_class_acc"] for s in common], axis=0)
-
-    vanilla = finished_runs(root, "vanilla", seeds)
-    if not vanilla:
-        return ""
-    first = next(iter(vanilla.values()))
+    first = next(iter(next(runs for runs in compared.values() if runs).values()))
     classes, counts = first["classes"], first["train_counts"]
-    base = per_class_acc(vanilla, vanilla)
-    header, columns, correlations = ["class", "real images", "vanilla %"], [], []
-    for variant in ("end2end", "sequential", "sequential_real"):
-        runs = finished_runs(root, variant, seeds)
-        common = sorted(set(runs) & set(vanilla))
+    base = np.mean(list(baseline.values()), axis=0)
+    header, columns, correlations = ["class", "real images", f"{baseline_label} %"], [], []
+    for label, runs in compared.items():
+        common = sorted(set(runs) & set(baseline))
         if not common:
             continue
-        generated = np.mean([runs[s]["generated_per_class"] for s in common], axis=0)
-        change = 100 * (per_class_acc(runs, common) - per_class_acc(vanilla, common))
-        header += [f"{variant}: generated", f"{variant}: W2 − vanilla (pp, {len(common)} seeds)"]
-        columns.append((generated, change))
-        against = {"generated / real images": generated / np.asarray(counts), "vanilla's accuracy": base}
-        if gan_train and variant in gan_train:
-            header.append(f"{variant}: GAN-train %")
-            quality = 100 * np.array([gan_train[variant]["gan_train_per_class"][str(c)] for c in range(len(classes))])
-            columns.append((quality,))
+        change = 100 * (np.mean([runs[s]["after"]["per_class_acc"] for s in common], axis=0)
+                        - np.mean([baseline[s] for s in common], axis=0))
+        against = {f"{baseline_label}'s accuracy": base}
+        if "generated_per_class" in runs[common[0]] and "posthoc=" not in label:
+            generated = np.mean([runs[s]["generated_per_class"] for s in common], axis=0)
+            header += [f"{label}: generated", f"{label}: W2 − {baseline_label} (pp, {len(common)} seeds)"]
+            columns += [("{:.0f}", generated), ("{:+.1f}", change)]
+            against = {"generated / real images": generated / np.asarray(counts), **against}
+        else:
+            header.append(f"{label} − {baseline_label} (pp, {len(common)} seeds)")
+            columns.append(("{:+.1f}", change))
+        if gan_train and label in gan_train:
+            header.append(f"{label}: GAN-train %")
+            quality = 100 * np.array([gan_train[label]["gan_train_per_class"][str(c)] for c in range(len(classes))])
+            columns.append(("{:.1f}", quality))
             against["GAN-train"] = quality
         # with ten classes only a strong rank correlation stands out: these are descriptions, not tests of a goal
-        correlations.append(f"- `{variant}`, W2 − vanilla over the {len(classes)} classes, Spearman's ρ against " + "; ".join(
-            f"{what} {rho:+.2f} (p = {pvalue:.2g})"
-            for what, (rho, pvalue) in ((w, stats.spearmanr(change, x)) for w, x in against.items())) + ".")
-    rows = []
-    for c, (name, n) in enumerate(zip(classes, counts)):
-        cells = [name, str(n), f"{100 * base[c]:.1f}"]
-        for column in columns:
-            cells += [f"{column[0][c]:.0f}" if len(column) == 2 else f"{column[0][c]:.1f}"] + (
-                [f"{column[1][c]:+.1f}"] if len(column) == 2 else [])
-        rows.append(cells)
+        correlations.append(f"- `{label}` − {baseline_label} over the {len(classes)} classes, Spearman's ρ against "
+                            + "; ".join(f"{what} {rho:+.2f} (p = {pvalue:.2g})" for what, (rho, pvalue)
+                                        in ((w, stats.spearmanr(change, x)) for w, x in against.items())) + ".")
+    rows = [[name, str(n), f"{100 * base[c]:.1f}", *(form.format(values[c]) for form, values in columns)]
+            for c, (name, n) in enumerate(zip(classes, counts))]
     return "\n\n".join([markdown_table(header, rows), "\n".join(correlations)])
+
+
+def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
+    """Per class against vanilla: end2end, sequential and sequential_real (``per_class_table``)."""
+    vanilla = finished_runs(root, "vanilla", seeds)
+    compared = {v: finished_runs(root, v, seeds) for v in ("end2end", "sequential", "sequential_real")}
+    if not vanilla or not any(compared.values()):
+        return ""
+    return per_class_table({s: m["after"]["per_class_acc"] for s, m in vanilla.items()}, "vanilla", compared,
+                           gan_train)
+
+
+def fullsize_per_class(root: Path, variants, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
+    """Per class at full size, against the generating row's W1: the plain classifier on the same real data
+    (vanilla at full size, which the pair does not run on its own); the generating row's mode alone as well
+    (its post-hoc variant continues that run)."""
+    from experiments.variants import parse_variants
+
+    generating = next((v for v in variants if v.label not in NON_GENERATING), None)
+    if generating is None:
+        return ""
+    mode = generating.label.partition(":")[0]
+    labels = [mode, *(v.label for v in variants if v.label != mode)]
+    compared = {v.label: finished_runs(root, v.folder, seeds) for v in parse_variants(",".join(labels))}
+    w1 = {s: m["before"]["per_class_acc"] for s, m in compared[mode].items() if m.get("before")}
+    if not w1:
+        return ""
+    return per_class_table(w1, "W1", compared, gan_train)
 
 
 def gan_section(root: Path, seed: int, measure_missing: bool = True) -> tuple[str, dict[str, dict]]:
@@ -285,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     sections, gan_scores = [], {}
     for part in parts:
         if part == "gan":
-            for measured in ("if100", "if20"):
-                text, gan_scores[measured] = gan_section(out_dir / FOLDERS[measured], seeds[0],
+            for measured in ("if100", "if20", "fullsize"):
+                seed = parse_seeds(args.fullsize_seeds)[0] if measured == "fullsize" else seeds[0]
+                text, gan_scores[measured] = gan_section(out_dir / FOLDERS[measured], seed,
                                                          measure_missing=not args.report_only)
                 if text:
-                    sections.append((f"The generators of the IF {IMBALANCE[measured]} protocol", text))
+                    where = " at full size" if measured == "fullsize" else " protocol"
+                    sections.append((f"The generators of the IF {IMBALANCE[measured]}{where}", text))
             continue
         imbalance = IMBALANCE[part]
         if part == "fullsize":
@@ -319,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         analysis = per_class_analysis(out_dir / FOLDERS[part], seeds, gan_scores.get(part)) if part in parts else ""
         if analysis:
             sections.append((f"Per class at IF {IMBALANCE[part]}: where the generated images go and what they change",
+                             analysis))
+    if "fullsize" in parts:
+        analysis = fullsize_per_class(out_dir / FOLDERS["fullsize"], parse_variants(args.fullsize_pair),
+                                      parse_seeds(args.fullsize_seeds), gan_scores.get("fullsize"))
+        if analysis:
+            sections.append(("Per class at full size, against W1 (the plain classifier on the same real data)",
                              analysis))
     text = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)  # parts that trained nothing (gan alone) leave it unmade
