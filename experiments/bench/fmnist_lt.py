@@ -221,21 +221,32 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
                            gan_train)
 
 
-def fullsize_per_class(root: Path, variants, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
-    """Per class at full size, against the generating row's W1: the plain classifier on the same real data
-    (vanilla at full size, which the pair does not run on its own); the generating row's mode alone as well
-    (its post-hoc variant continues that run)."""
+def generating_mode(variants):
+    """The mode of the pair's generating row alone (its post-hoc or loss variant's base), or None."""
     from experiments.variants import parse_variants
 
     generating = next((v for v in variants if v.label not in NON_GENERATING), None)
-    if generating is None:
+    return parse_variants(generating.label.partition(":")[0])[0] if generating else None
+
+
+def generating_w1(root: Path, variants, seeds: list[int]) -> dict[int, dict]:
+    """The test metrics, by seed, of the generating row's W1 (read from its mode's own run, which a post-hoc
+    variant continues): the plain classifier on the same real data, loss, epochs and seed, so the full-size
+    pair's vanilla without a run of its own."""
+    mode = generating_mode(variants)
+    runs = finished_runs(root, mode.folder, seeds) if mode else {}
+    return {s: m["before"] for s, m in runs.items() if m.get("before")}
+
+
+def fullsize_per_class(root: Path, variants, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
+    """Per class at full size against the generating row's W1 (``generating_w1``), for the generating row's
+    mode alone and each row of the pair."""
+    w1 = {s: m["per_class_acc"] for s, m in generating_w1(root, variants, seeds).items()}
+    if not w1:  # no generating row, or none of its runs finished
         return ""
-    mode = generating.label.partition(":")[0]
-    labels = [mode, *(v.label for v in variants if v.label != mode)]
-    compared = {v.label: finished_runs(root, v.folder, seeds) for v in parse_variants(",".join(labels))}
-    w1 = {s: m["before"]["per_class_acc"] for s, m in compared[mode].items() if m.get("before")}
-    if not w1:
-        return ""
+    mode = generating_mode(variants)
+    rows = [mode, *(v for v in variants if v.label != mode.label)]
+    compared = {v.label: finished_runs(root, v.folder, seeds) for v in rows}
     return per_class_table(w1, "W1", compared, gan_train)
 
 
@@ -337,9 +348,14 @@ def main(argv: list[str] | None = None) -> int:
             to_run = variants
         if not args.report_only:
             compare(part_config, part_overrides, to_run, part_seeds, out_dir / FOLDERS[part])
-        table, top1 = result_table(finished_results(out_dir / FOLDERS[part], variants, part_seeds),
-                                   PUBLISHED[imbalance])
-        where = " at full size (fmnist_lt_if100, 15 epochs)" if part == "fullsize" else " (fmnist_lt_cpu)"
+        results = finished_results(out_dir / FOLDERS[part], variants, part_seeds)
+        mode = generating_mode(variants) if part == "fullsize" else None
+        if mode:  # beside the full-size pair: its vanilla (the generating row's W1) and that row's mode alone
+            results = {"vanilla": generating_w1(out_dir / FOLDERS[part], variants, part_seeds),
+                       mode.label: finished_runs(out_dir / FOLDERS[part], mode.folder, part_seeds), **results}
+        table, top1 = result_table(results, PUBLISHED[imbalance])
+        where = (" at full size (fmnist_lt_if100, 15 epochs" + (f"; vanilla: {mode.label}'s W1)" if mode else ")")
+                 if part == "fullsize" else " (fmnist_lt_cpu)")
         generating = [v.label for v in variants if v.label not in NON_GENERATING] if part == "fullsize" else GENERATING
         body = table + "\n\n" + verdict(top1, generating=generating)
         sections.append((f"Fashion-MNIST-LT, IF {imbalance}{where}", body))
