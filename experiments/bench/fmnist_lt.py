@@ -238,18 +238,6 @@ def generating_w1(root: Path, variants, seeds: list[int]) -> dict[int, dict]:
     return {s: m["before"] for s, m in runs.items() if m.get("before")}
 
 
-def fullsize_per_class(root: Path, variants, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
-    """Per class at full size against the generating row's W1 (``generating_w1``), for the generating row's
-    mode alone and each row of the pair."""
-    w1 = {s: m["per_class_acc"] for s, m in generating_w1(root, variants, seeds).items()}
-    if not w1:  # no generating row, or none of its runs finished
-        return ""
-    mode = generating_mode(variants)
-    rows = [mode, *(v for v in variants if v.label != mode.label)]
-    compared = {v.label: finished_runs(root, v.folder, seeds) for v in rows}
-    return per_class_table(w1, "W1", compared, gan_train)
-
-
 def gan_section(root: Path, seed: int, measure_missing: bool = True) -> tuple[str, dict[str, dict]]:
     """GAN-train (test, per class, held-out), GAN-test, FID and coverage of the end2end and sequential
     generators of seed ``seed`` (gan_metrics.json, measured if absent and ``measure_missing``)."""
@@ -319,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                         "protocol's runs were written to, or drop --report-only to train them)")
     overrides = ["run.progress=false", *args.overrides]
     chosen = [v.label for v in parse_variants(args.variants)] if args.variants else None
-    sections, gan_scores = [], {}
+    sections, gan_scores, fullsize_results = [], {}, {}
     for part in parts:
         if part == "gan":
             for measured in ("if100", "if20", "fullsize"):
@@ -353,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if mode:  # beside the full-size pair: its vanilla (the generating row's W1) and that row's mode alone
             results = {"vanilla": generating_w1(out_dir / FOLDERS[part], variants, part_seeds),
                        mode.label: finished_runs(out_dir / FOLDERS[part], mode.folder, part_seeds), **results}
+            fullsize_results = results
         table, top1 = result_table(results, PUBLISHED[imbalance])
         where = (" at full size (fmnist_lt_if100, 15 epochs" + (f"; vanilla: {mode.label}'s W1)" if mode else ")")
                  if part == "fullsize" else " (fmnist_lt_cpu)")
@@ -364,12 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         if analysis:
             sections.append((f"Per class at IF {IMBALANCE[part]}: where the generated images go and what they change",
                              analysis))
-    if "fullsize" in parts:
-        analysis = fullsize_per_class(out_dir / FOLDERS["fullsize"], parse_variants(args.fullsize_pair),
-                                      parse_seeds(args.fullsize_seeds), gan_scores.get("fullsize"))
-        if analysis:
-            sections.append(("Per class at full size, against W1 (the plain classifier on the same real data)",
-                             analysis))
+    w1 = {s: m["per_class_acc"] for s, m in fullsize_results.get("vanilla", {}).items()}
+    if w1:  # every row of the full-size table against its vanilla, the generating row's W1
+        analysis = per_class_table(w1, "W1", {k: v for k, v in fullsize_results.items() if k != "vanilla"},
+                                   gan_scores.get("fullsize"))
+        sections.append(("Per class at full size, against W1 (the plain classifier on the same real data)",
+                         analysis))
     text = "\n\n".join(f"## {title}\n\n{body}" for title, body in sections) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)  # parts that trained nothing (gan alone) leave it unmade
     (out_dir / "fmnist_lt_protocol.md").write_text(text)
