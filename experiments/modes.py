@@ -226,6 +226,10 @@ def resolve_mode(cfg) -> Mode:
     if not mode.generates and t.allocator != "needs":
         raise ConfigError(f"train.allocator={t.allocator} has no effect in train.mode={t.mode}, which generates "
                           f"nothing; drop it or choose a generating mode")
+    if t.alloc_discount != "none" and "w2_pregenerated" not in mode.phases:
+        raise ConfigError(f"train.alloc_discount={t.alloc_discount} scales the split of the set sequential generates "
+                          f"once, before W2 trains, which train.mode={t.mode} does not make; use train.mode=sequential "
+                          f"or drop it")
     if t.allocator == "learned":
         if not mode.draws_generated:
             raise ConfigError(f"train.allocator=learned learns p(s) through W2's training on images it draws as it "

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from mlo.budget import per_class_val_loss, sample_classes, uniform_noise
+from mlo.budget import discount_by_quality, per_class_val_loss, sample_classes, uniform_noise
 from mlo.errors import DataError
 from mlo.data.loaders import make_loader, to_uint8
+from mlo.gan_metrics import per_class_accuracy, train_classifier
 from mlo.metrics import predict
-from mlo.models.gan.sampling import truncate
+from mlo.models.gan.sampling import generate, truncate
 from mlo.trainer import Phase
 
 GENERATION_CHUNK = 500
+QUALITY_EPOCHS = 10  # train.alloc_discount's GAN-train classifier: the epochs of the README's GAN-train
 
 
 def build_phases(run) -> list[Phase]:
@@ -67,14 +69,17 @@ def pregenerate(run, spare_pool: bool = False) -> None:
     stats = per_class_val_loss(logits.to(device), labels.to(device), data.num_classes)
     stats.train_counts = torch.as_tensor(data.train_counts, dtype=torch.float, device=device)
     p = ctx.allocator(stats)
+    ema, tau = (None, None) if spare_pool else (run.levels["gen"].ema.module.eval(), run.cfg.gan.truncation)
+    quality = None
+    if run.cfg.train.alloc_discount == "gan_train":
+        right, total = generator_quality(run, ema, tau)
+        p, quality = discount_by_quality(p, right, total), (right + 1) / (total + 2)
     count = ctx.allocator.images_per_epoch(data.train_counts, stats)
     noise = torch.Generator(device=device).manual_seed(ctx.seed("sequential generation"))
     classes = sample_classes(p, uniform_noise((count, data.num_classes), noise, device))
     if spare_pool:
         images = spare_pool_images(data, classes.cpu(), ctx.seed("sequential spare pool"))
     else:
-        ema, tau = run.levels["gen"].ema.module.eval(), run.cfg.gan.truncation
-
         def latents(n):
             z = torch.randn(n, ema.z_dim, generator=noise, device=device)
             return z if tau is None else truncate(z, tau)
@@ -82,7 +87,27 @@ def pregenerate(run, spare_pool: bool = False) -> None:
         images = to_uint8(torch.cat([ema(latents(len(c)), c) for c in classes.split(GENERATION_CHUNK)]))
     w2.set_generated(images, classes, seed=ctx.seed("sequential generated order"))
     run.pregenerated = {"generated": torch.bincount(classes, minlength=data.num_classes).float(), "allocation": p}
+    if quality is not None:
+        run.pregenerated["quality"] = quality
     run.engine.train()
+
+
+def generator_quality(run, generator, tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``train.alloc_discount=gan_train``: how well ``generator`` draws each class, as the right answers and the
+    images per class on the validation set of a classifier of W1's architecture trained on its images alone
+    (GAN-train, QUALITY_EPOCHS epochs, as many images as the training set, every class equally, latents at
+    ``tau``). Its own seeds, so the generated set and W2 are drawn as without the discount."""
+    data, t, device = run.data, run.cfg.train, run.device
+    labels = torch.arange(len(data.train_labels)) % data.num_classes
+    images = to_uint8(generate(generator, labels, run.ctx.seed("allocation quality images"), device, tau))
+    with torch.enable_grad():
+        classifier = train_classifier(lambda: run.ctx.classifier("w1", standalone=True), images, labels.numpy(),
+                                      epochs=QUALITY_EPOCHS, batch_size=t.batch_size, lr=t.lr,
+                                      seed=run.ctx.seed("allocation quality classifier"), device=device)
+    _, right = per_class_accuracy(classifier, data.val_images, data.val_labels, device)
+    val_labels = torch.as_tensor(data.val_labels)
+    return (torch.bincount(val_labels[torch.from_numpy(right)], minlength=data.num_classes).float().to(device),
+            torch.bincount(val_labels, minlength=data.num_classes).float().to(device))
 
 
 def spare_pool_images(data, classes: torch.Tensor, seed: int) -> torch.Tensor:

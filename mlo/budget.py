@@ -234,6 +234,13 @@ def sample_classes(p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.argmax(torch.log(p.detach().clamp(min=1e-30))[None, :] + gumbel, dim=1)
 
 
+def discount_by_quality(p: torch.Tensor, right: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``p`` scaled by each class's estimated rate of success ``(right + 1) / (total + 2)`` (Laplace's rule:
+    never 0, so a few validation images cannot cut a class off by chance), renormalised."""
+    scaled = p * (right + 1) / (total + 2)
+    return scaled / scaled.sum()
+
+
 KEEP_FORMS = ("relaxed", "straight_through")
 BUDGETS = ("counted", "squared", "score")
 # nodes of the trapezoid rule behind expected_keep, in the logistic variable l = g1 - g2 (its density

@@ -217,6 +217,13 @@ class TrainConfig:
                                       "(beyond the paper: p(s) the softmax of per-class logits, an upper level of W2 "
                                       "learned on the validation set through the hypergradient of W2's validation "
                                       "loss)")
+    alloc_discount: str = setting("none", "sequential, beyond the paper: gan_train scales p(s) by how well the "
+                                          "generator draws each class before the set is made: per class, the "
+                                          "validation accuracy of a classifier of W1's architecture trained 10 "
+                                          "epochs on generated images alone (as many as the training set, classes "
+                                          "equal), as (right + 1) / (n + 2), renormalised, so a class the generator "
+                                          "cannot draw gets fewer of its images; none: p(s) as the allocator gives it",
+                                  choices=("none", "gan_train"))
     worstk_k: int = setting(3, "worstk: how many of the worst classes (by validation accuracy) get images", min=1)
     worstk_fraction: float = setting(0.5, "worstk: generated images per epoch as a fraction of the class's real ones",
                                      min=0.0)

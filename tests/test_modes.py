@@ -10,7 +10,7 @@ from scipy import stats
 
 from experiments.modes import BUILT_IN
 from experiments.phases import build_phases, pregenerate
-from mlo.budget import ClassStats, WorstKAllocator, create_allocator
+from mlo.budget import ClassStats, WorstKAllocator, create_allocator, discount_by_quality
 from mlo.data.loaders import make_loader
 from mlo.metrics import predict
 from mlo.trainer import Phase, Trainer
@@ -180,6 +180,35 @@ def test_sequential_generation_follows_the_allocator():
     assert (run.pregenerated["generated"] > 0).sum() <= 3
 
 
+def test_discount_by_quality_scales_p_by_laplace_smoothed_success_and_renormalises():
+    p = torch.tensor([0.5, 0.25, 0.25])
+    out = discount_by_quality(p, right=torch.tensor([0.0, 10.0, 4.0]), total=torch.tensor([10.0, 10.0, 10.0]))
+    expected = p * torch.tensor([1 / 12, 11 / 12, 5 / 12])
+    assert torch.allclose(out, expected / expected.sum()) and torch.isclose(out.sum(), torch.tensor(1.0))
+    assert out[0] > 0  # a class nobody got right keeps a share: 10 images are too few to cut it off
+
+
+def test_sequential_generation_discounted_by_the_generators_gan_train_on_the_validation_set():
+    plain = build_run("train.mode=sequential", "train.gen_per_real=10")
+    pregenerate(plain)
+    run = build_run("train.mode=sequential", "train.gen_per_real=10", "train.alloc_discount=gan_train")
+    pregenerate(run)
+    quality, p = run.pregenerated["quality"], run.pregenerated["allocation"]
+    n_val = np.bincount(run.data.val_labels, minlength=run.data.num_classes)
+    right = quality.numpy() * (n_val + 2) - 1  # (right + 1) / (n + 2), right a count of validation images
+    assert np.allclose(right, np.round(right), atol=1e-4) and (right >= -1e-4).all() and (right <= n_val + 1e-4).all()
+    expected = plain.pregenerated["allocation"] * quality
+    assert torch.allclose(p, expected / expected.sum(), atol=1e-6)  # the needs split, scaled and renormalised
+    counts = run.pregenerated["generated"].numpy()
+    assert counts.sum() == plain.pregenerated["generated"].sum()  # the same budget M, split another way
+    assert stats.chisquare(counts, counts.sum() * p.numpy()).pvalue > 1e-3
+    again = build_run("train.mode=sequential", "train.gen_per_real=10", "train.alloc_discount=gan_train")
+    pregenerate(again)  # seeded: a resumed run rebuilds the same set
+    assert torch.equal(again.pregenerated["quality"], quality)
+    assert torch.equal(again.levels["w2"].train_data_loader[1].images, run.levels["w2"].train_data_loader[1].images)
+    assert run.gan_cache_key() == plain.gan_cache_key()  # it acts after pre-training: one pre-trained GAN for both
+
+
 def test_sequential_set_is_rebuilt_identically_on_resume():
     run = build_run("train.mode=sequential")
     pregenerate(run)
@@ -271,6 +300,9 @@ def test_logit_adjustment_of_w2_uses_the_classes_it_trained_on_real_and_generate
     (("train.mode=end2end", "train.alloc_lr=0.1"), "applies to train.allocator=learned only"),
     (("train.mode=vanilla", "train.meta_weight_decay=0.1"), "this run has no meta level"),
     (("train.mode=sequential", "train.meta_data=val_and_train"), "this run has no meta level"),
+    (("train.mode=end2end", "train.alloc_discount=gan_train"), "scales the split of the set sequential generates"),
+    (("train.mode=sequential_real", "data.dataset=synthetic", "data.image_size=4", "data.n_max=20",
+      "train.alloc_discount=gan_train"), "train.mode=sequential_real does not make"),
 ])
 def test_options_that_would_do_nothing_are_refused(overrides, message):
     from mlo.errors import ConfigError

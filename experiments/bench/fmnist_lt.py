@@ -13,7 +13,8 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   configurations (vanilla; its post-hoc logit adjustment and cRT; balanced softmax; LDAM-DRW; vanilla with
   A learned on the validation set, ``vanilla_meta``), the generating ones (end2end and sequential, each
   alone and with logit adjustment, cRT and balanced softmax stacked; end2end with the learned allocation;
-  end2end with the literal squared budget and with the score-function budget), A's extensions against
+  sequential with its split discounted by the generator's per-class GAN-train on the validation set (alone and
+  with cRT); end2end with the literal squared budget and with the score-function budget), A's extensions against
   over-fitting the validation set (weight decay 5e-4, validation plus class-balanced training batches) in
   vanilla_meta and end2end, and the perfect-generator bound ``sequential_real`` (alone, with cRT, with
   balanced softmax: not counted as generating);
@@ -50,7 +51,8 @@ NON_GENERATING = ("vanilla", "vanilla:posthoc=logit_adjust", "vanilla:posthoc=cr
                   "vanilla:loss=ldam_drw", "vanilla_meta")
 GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", "end2end:loss=balanced_softmax",
               "sequential", "sequential:posthoc=logit_adjust", "sequential:posthoc=crt",
-              "sequential:loss=balanced_softmax", "end2end:allocator=learned")
+              "sequential:loss=balanced_softmax", "end2end:allocator=learned", "sequential:alloc_discount=gan_train",
+              "sequential:alloc_discount=gan_train+posthoc=crt")
 EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla_meta:meta_weight_decay=0.0005",
               "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
               "end2end:meta_data=val_and_train")
@@ -151,8 +153,11 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
                 lines.append(f"`{a}` − `{b}` ({what}): {t['mean_diff_pp']:+.2f} points "
                              f"on {t['n']} common seeds (p = {_p(t)}).")
     for option in (*GENERATING, *EXTENSIONS):  # one setting changed on the same runs (and pre-trained GANs)
-        base, _, change = option.partition(":")
-        if change and not change.startswith("posthoc=") and top1.get(option) and top1.get(base):
+        mode, _, rest = option.partition(":")
+        posthoc = [o for o in rest.split("+") if o.startswith("posthoc=")]
+        change = "+".join(o for o in rest.split("+") if o and o not in posthoc)
+        base = mode + "".join(f":{o}" for o in posthoc)  # a post-hoc correction on both sides
+        if change and top1.get(option) and top1.get(base):
             t = paired_on_common_seeds(top1[option], top1[base])
             if t["n"]:
                 lines.append(f"`{option}` − `{base}` (`{change}` alone): {t['mean_diff_pp']:+.2f} points on "
@@ -212,9 +217,13 @@ def per_class_table(baseline: dict[int, list[float]], baseline_label: str, compa
 
 
 def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
-    """Per class against vanilla: end2end, sequential and sequential_real (``per_class_table``)."""
+    """Per class against vanilla: end2end, sequential (with the discounted allocation) and sequential_real
+    (``per_class_table``)."""
+    from experiments.variants import parse_variants
+
     vanilla = finished_runs(root, "vanilla", seeds)
-    compared = {v: finished_runs(root, v, seeds) for v in ("end2end", "sequential", "sequential_real")}
+    compared = {v.label: finished_runs(root, v.folder, seeds) for v in parse_variants(
+        "end2end,sequential,sequential:alloc_discount=gan_train,sequential_real")}
     if not vanilla or not any(compared.values()):
         return ""
     return per_class_table({s: m["after"]["per_class_acc"] for s, m in vanilla.items()}, "vanilla", compared,

@@ -8,7 +8,8 @@ with its overrides; only its GAN pre-training phase runs, through ``run.gan_cach
 (``<out_dir>/gan_quality/gan_cache``), so a comparison given the same cache folder starts from these GANs
 instead of pre-training them again. Then a classifier of the run's encoder is trained ``--epochs`` epochs on
 ``--images`` images of the EMA generator (as many as the real training set by default; classes as in the
-test set) and scored:
+test set; latents truncated at the candidate's ``gan.truncation``, as W2's images are, so a truncation candidate
+scores the images W2 would learn from and shares its pre-trained GAN with the untruncated one) and scored:
 
 - on the held-out images, the part of the training pool the long-tail cut leaves out (up to 300 a class):
   neither training nor test data, so choosing a generator by this score does not look at the test set;
@@ -62,12 +63,14 @@ def pretrain_and_score(cfg, images: int | None, epochs: int) -> dict:
     images = images or len(d.train_labels)
     idx = np.random.default_rng(derive_seed(seed, 1)).choice(len(d.test_labels), images, replace=images > len(d.test_labels))
     labels = np.asarray(d.test_labels)[np.sort(idx)]  # the test set's classes (balanced)
-    fake = to_uint8(generate(ema_generator(run), torch.from_numpy(labels), derive_seed(seed, 2), run.device, None))
+    fake = to_uint8(generate(ema_generator(run), torch.from_numpy(labels), derive_seed(seed, 2), run.device,
+                             cfg.gan.truncation))
     holdout = None if d.holdout_images is None else (d.holdout_images, d.holdout_labels)
     scores = gan_train_test(lambda: run.ctx.classifier("w1", standalone=True), (d.train_images, d.train_labels),
                             (d.test_images, d.test_labels), (fake, labels), epochs=epochs, batch_size=t.batch_size,
                             lr=t.lr, seed=seed, device=run.device, holdout=holdout)
-    return {"pretrain_steps": cfg.gan.gan_pretrain_steps, "pretrained": run.gan_pretrained,
+    return {"pretrain_steps": cfg.gan.gan_pretrain_steps, "truncation": cfg.gan.truncation,
+            "pretrained": run.gan_pretrained,
             "pretrain_seconds": round(run.trainer.phase_seconds.get(PRETRAINING, seconds), 1),
             "threads": torch.get_num_threads(), "images": len(labels), "epochs": epochs,
             "train_counts": list(d.train_counts), **scores}
