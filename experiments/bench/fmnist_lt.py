@@ -20,7 +20,8 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   balanced softmax: not counted as generating);
 - ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the perfect-generator rows;
 - ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100, IF 20 and full size, those
-  that have run (overall, per class, on held-out pool images), FID and coverage (``gan_metrics.json``);
+  that have run (overall, per class, on held-out pool images; images at the run's latent truncation), FID and
+  coverage (``gan_metrics.json``);
 - ``fullsize``: the best generating and the best non-generating variant of ``if100`` (``--fullsize-pair``,
   chosen by the if100 table) on ``fmnist_lt_if100`` (ResNet-32, the whole long-tailed set) for the epochs
   a CPU affords (``FULLSIZE``), ``--fullsize-seeds`` (folder ``fmnist_if100_full``).
@@ -32,7 +33,7 @@ Each table gives mean ± std over seeds of the last epoch's test top-1 and Many/
 across seeds (scipy's ttest_rel, two-sided) against vanilla and against the best non-generating configuration
 (the one with the highest mean top-1); then, for if100 and if20, per class: real images, W2's generated weight
 and its change in test accuracy against vanilla (with the first seed's generators' GAN-train per class when the gan
-part ran), and Spearman's rank correlations between them; for fullsize the same per class against the generating
+part ran, and ``alloc_discount``'s factors where a row has them), and Spearman's rank correlations between them; for fullsize the same per class against the generating
 row's W1 (the plain classifier on the same real data), for each row of the pair. Every hyper-parameter was fixed before any of these runs (README).
 Prints the tables and writes them to ``<out_dir>/fmnist_lt_protocol.md``.
 """
@@ -66,6 +67,7 @@ IMBALANCE = {"if100": 100, "if20": 20, "fullsize": 100}
 # fmnist_lt_if100 at a CPU's budget: 15 epochs (decay at 12 and 14) instead of 100, and a VCGAN at 32x32
 FULLSIZE = ["train.epochs=15", "train.lr_milestones=[12,14]", "gan.generator=vcgan", "gan.z_dim=32",
             "gan.gan_betas=[0.5,0.999]"]
+GAN_MEASURED = ("end2end", "sequential")  # the rows whose generators the gan part measures
 GAN_TRAIN_EPOCHS = 10  # GAN-train learns from as many generated images as the real training set has
 
 # Test accuracy (%) with the authors' own classifiers (28x28, the full long-tailed training set), as the paper
@@ -199,6 +201,11 @@ def per_class_table(baseline: dict[int, list[float]], baseline_label: str, compa
             header += [f"{label}: generated", f"{label}: W2 − {baseline_label} (pp, {len(common)} seeds)"]
             columns += [("{:.0f}", generated), ("{:+.1f}", change)]
             against = {"generated / real images": generated / np.asarray(counts), **against}
+            if "allocation_quality" in runs[common[0]]:  # train.alloc_discount's factors on p(s)
+                factor = np.mean([runs[s]["allocation_quality"] for s in common], axis=0)
+                header.append(f"{label}: discount factor")
+                columns.append(("{:.2f}", factor))
+                against["discount factor"] = factor
         else:
             header.append(f"{label} − {baseline_label} (pp, {len(common)} seeds)")
             columns.append(("{:+.1f}", change))
@@ -248,15 +255,17 @@ def generating_w1(root: Path, variants, seeds: list[int]) -> dict[int, dict]:
 
 
 def gan_section(root: Path, seed: int, measure_missing: bool = True) -> tuple[str, dict[str, dict]]:
-    """GAN-train (test, per class, held-out), GAN-test, FID and coverage of the end2end and sequential
-    generators of seed ``seed`` (gan_metrics.json, measured if absent and ``measure_missing``)."""
+    """GAN-train (test, per class, held-out), GAN-test, FID and coverage of the generators of ``GAN_MEASURED``
+    of seed ``seed``, their images at the run's latent truncation as W2's are (gan_metrics.json, measured if
+    absent and ``measure_missing``)."""
     from experiments.cli import restore_generator_run
     from experiments.config_files import METRICS
     from experiments.gan_eval import GAN_METRICS, measure, write_gan_metrics
+    from experiments.variants import parse_variants
 
     lines, scores = [], {}
-    for variant in ("end2end", "sequential"):
-        run_dir = root / f"{variant}-seed{seed}"
+    for variant in parse_variants(",".join(GAN_MEASURED)):
+        run_dir = root / f"{variant.folder}-seed{seed}"
         if not (run_dir / METRICS).is_file():
             continue
         path = run_dir / GAN_METRICS
@@ -265,14 +274,15 @@ def gan_section(root: Path, seed: int, measure_missing: bool = True) -> tuple[st
             if not measure_missing:
                 continue
             run = restore_generator_run(run_dir, None)
-            result = measure(run, n=len(run.data.train_labels), seed=seed, truncation=None,
+            result = measure(run, n=len(run.data.train_labels), seed=seed, truncation=run.cfg.gan.truncation,
                              gan_train_epochs=GAN_TRAIN_EPOCHS)
             write_gan_metrics(run_dir, result)
         test, g = result["features"]["w1_encoder"]["test"], result["gan_train_test"]
-        scores[variant] = g
+        scores[variant.label] = g
+        tau = f", latents truncated at τ = {result['truncation']:g}" if result.get("truncation") else ""
         held = f", on {g['holdout_images']} held-out pool images {100 * g['gan_train_holdout']:.1f}%" \
             if "gan_train_holdout" in g else ""
-        lines.append(f"- `{run_dir.name}` (EMA generator, {test['n_real']} real test images): GAN-train "
+        lines.append(f"- `{run_dir.name}` (EMA generator{tau}, {test['n_real']} real test images): GAN-train "
                      f"{100 * g['gan_train']:.1f}%{held} (a classifier trained on {test['n_generated']} generated "
                      f"images only, {GAN_TRAIN_EPOCHS} epochs); per class "
                      + " / ".join(f"{100 * v:.0f}" for v in g["gan_train_per_class"].values())
