@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mlo.budget import discount_by_quality, per_class_val_loss, sample_classes, uniform_noise
+from mlo.budget import discount_by_quality, per_class_val_loss, sample_classes, success_rate, uniform_noise
 from mlo.errors import DataError
 from mlo.data.loaders import make_loader, to_uint8
 from mlo.gan_metrics import per_class_accuracy, train_classifier
@@ -73,7 +73,7 @@ def pregenerate(run, spare_pool: bool = False) -> None:
     quality = None
     if run.cfg.train.alloc_discount == "gan_train":
         right, total = generator_quality(run, ema, tau)
-        p, quality = discount_by_quality(p, right, total), (right + 1) / (total + 2)
+        p, quality = discount_by_quality(p, right, total), success_rate(right, total)
     count = ctx.allocator.images_per_epoch(data.train_counts, stats)
     noise = torch.Generator(device=device).manual_seed(ctx.seed("sequential generation"))
     classes = sample_classes(p, uniform_noise((count, data.num_classes), noise, device))

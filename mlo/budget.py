@@ -234,10 +234,15 @@ def sample_classes(p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.argmax(torch.log(p.detach().clamp(min=1e-30))[None, :] + gumbel, dim=1)
 
 
+def success_rate(right: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Each class's estimated rate of success ``(right + 1) / (total + 2)`` (Laplace's rule: never 0, so a few
+    validation images cannot cut a class off by chance)."""
+    return (right + 1) / (total + 2)
+
+
 def discount_by_quality(p: torch.Tensor, right: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """``p`` scaled by each class's estimated rate of success ``(right + 1) / (total + 2)`` (Laplace's rule:
-    never 0, so a few validation images cannot cut a class off by chance), renormalised."""
-    scaled = p * (right + 1) / (total + 2)
+    """``p`` scaled by each class's ``success_rate``, renormalised."""
+    scaled = p * success_rate(right, total)
     return scaled / scaled.sum()
 
 
