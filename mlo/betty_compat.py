@@ -44,6 +44,7 @@ Logging
 """
 from __future__ import annotations
 
+import atexit
 import logging
 
 import mlo.torch_version  # noqa: F401  (refuses a torch older than the project needs, before Betty loads)
@@ -214,8 +215,17 @@ class CompatEngine(Engine):
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if on_cuda else "gloo", device_id=self.device if on_cuda else None)
+            # A process that exits with the group still up can abort in gloo's threads during interpreter
+            # teardown ("terminate called without an active exception"); leave it while Python is alive.
+            atexit.register(leave_process_group)
         self._backend = dist.get_backend()
         self._world_size, self._rank = dist.get_world_size(), dist.get_rank()
         self._local_rank = Processes.from_environ().local_rank
         return {"strategy": self._strategy, "backend": self._backend, "world_size": self._world_size,
                 "rank": self._rank, "local_rank": self._local_rank}
+
+
+def leave_process_group() -> None:
+    """Destroy the process group if this process is still in one (a no-op after ``Engine.cleanup``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

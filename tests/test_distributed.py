@@ -102,3 +102,12 @@ def test_two_processes_get_the_gradients_one_process_gets_on_the_whole_batch(tmp
         for key in ("p_grad_w1", "meta_grad"):
             for a, b in zip(rank[key], single[key]):
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), key
+
+
+def test_a_process_that_exits_without_closing_its_run_leaves_the_process_group_before_teardown(tmp_path):
+    """Exiting with the group still up can abort in gloo's threads while the interpreter tears down
+    (rank 1: "terminate called without an active exception", SIGABRT); the engine that joined the group
+    leaves it at exit, so a script that never calls ``Run.close`` still ends cleanly."""
+    result = torchrun(tmp_path / "debug", "exit-without-closing", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [rank["group_left"] for rank in ranks(tmp_path / "debug")] == [True, True]

@@ -5,7 +5,8 @@ watched from the outside.
 
 Each process writes ``DEBUG_DIR/rank<r>.pt``: every allocation p(s) it computed (own steps and
 hops, in order), its levels' parameters at the end, and which of the run's writers it called; with
-``gradients`` in place of the needsgen arguments, the gradients of ``gradients()`` below.
+``gradients`` in place of the needsgen arguments, the gradients of ``gradients()`` below; with
+``exit-without-closing``, whether the process group was left before the interpreter's teardown.
 """
 from __future__ import annotations
 
@@ -53,11 +54,32 @@ def gradients() -> dict:
     meta.average_gradients = capture
     Trainer(run.engine, [Phase("meta", 2)], progress=False).run()
     out["meta_grad"] = averaged[0]
+    run.close()  # every process waits for the others, then leaves the process group, as the CLI does
     return out
+
+
+def exit_without_closing() -> None:
+    """``exit-without-closing`` instead of needsgen arguments: build a run (which joins the process group),
+    take a collective, and exit without ``Run.close``. Registered before the run, the handler below runs
+    after the engine's own exit handlers (atexit is last in, first out) and records whether the process
+    group was still up then, while the interpreter was alive to leave it cleanly."""
+    import atexit
+
+    import torch.distributed as dist
+    from mlo.distributed import barrier
+    from tests.conftest import SMOOTH, tiny_config
+
+    rank = Processes.from_environ().rank
+    atexit.register(lambda: torch.save({"group_left": not dist.is_initialized()}, debug_dir / f"rank{rank}.pt"))
+    runner.Run(tiny_config(*SMOOTH))
+    barrier()
 
 
 if argv[:1] == ["gradients"]:
     torch.save(gradients(), debug_dir / f"rank{Processes.from_environ().rank}.pt")
+    sys.exit(0)
+if argv[:1] == ["exit-without-closing"]:
+    exit_without_closing()
     sys.exit(0)
 
 
