@@ -305,7 +305,7 @@ def build_w2(ctx: BuildContext, name: str) -> RefinedClassifierProblem:
         train_counts=ctx.data.train_counts, gen_per_step=ctx.gen_per_step, gen_per_epoch=ctx.gen_per_epoch,
         lambda_gen=t.lambda_gen, temperatures=(t.temperature_start, t.temperature_end),
         truncation=None if ctx.cfg.gan.learn_truncation else ctx.cfg.gan.truncation,
-        decov_weight=t.decov_weight, **ctx.classifier_settings(name))
+        decov_weight=t.decov_weight, count_generated=t.class_prior == "trained_on", **ctx.classifier_settings(name))
 
 
 @register_level("w2_pregenerated")
@@ -317,7 +317,7 @@ def build_w2_pregenerated(ctx: BuildContext, name: str) -> PregeneratedClassifie
         name, ctx.level_config(name), module, optimizer, ctx.classifier_scheduler(optimizer),
         (ctx.train_loader(f"{name} batches"), ctx.train_loader("sequential generated batches")),
         lambda_gen=ctx.cfg.train.lambda_gen, gen_per_step=ctx.gen_per_step, train_counts=ctx.data.train_counts,
-        **ctx.classifier_settings(name))
+        count_generated=ctx.cfg.train.class_prior == "trained_on", **ctx.classifier_settings(name))
 
 
 @register_level("crt")

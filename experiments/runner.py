@@ -57,7 +57,7 @@ AFTER_GAN_PRETRAINING = RESUMABLE_CHANGES + POSTHOC_SETTINGS + tuple(f"train.{k}
     "epochs", "optimizer", "lr", "momentum", "sam_rho", "w2_init", "weight_decay", "lr_milestones", "lr_decay", "meta_lr",
     "meta_weight_decay", "meta_data", "alloc_lr", "lambda_gen", "gamma", "hypergradient", "darts_alpha", "keep_weights",
     "gen_budget", "temperature_start", "temperature_end", "allocator", "worstk_k", "worstk_fraction", "alloc_discount",
-    "loss", "focal_gamma", "cb_beta", "logit_adjust_tau", "ldam_margin", "ldam_scale", "drw_start", "isda_lambda",
+    "class_prior", "loss", "focal_gamma", "cb_beta", "logit_adjust_tau", "ldam_margin", "ldam_scale", "drw_start", "isda_lambda",
     "mtl_weight", "gen_per_real", "decov_weight", "max_faults", "meta_chunk")) + (
     "gan.truncation", "gan.learn_truncation", "gan.truncation_lr")
 GAN_LEVELS = ("disc", "gen")
@@ -188,8 +188,9 @@ class Run:
 
     def class_prior(self, name: str) -> torch.Tensor:
         """The class distribution classifier ``name`` trained on: every image of its steps, generated
-        ones at their weight in its loss (λ b_m); the real training counts before its first epoch."""
-        seen = self.trained_on.get(name)
+        ones at their weight in its loss (λ b_m); the real training counts before its first epoch, or
+        always with ``train.class_prior=real``."""
+        seen = None if self.cfg.train.class_prior == "real" else self.trained_on.get(name)
         prior = torch.as_tensor(self.data.train_counts, dtype=torch.float) if seen is None else seen.float().cpu()
         return prior / prior.sum()
 

@@ -121,14 +121,15 @@ class RefinedClassifierProblem(ClassifierProblem):
     ``keep_form`` is the form of b_m (``mlo.budget.keep_weights``) and ``budget`` whether b_m is divided by
     its expectation (``counted``: class c weighs M p_c, the paper's count) or not (``squared``: M p_c²), or
     replaced by 1 with the score function's gradient (``score``) (``mlo.budget.budget_weights``);
-    ``decov_weight`` adds the DeCov penalty of W2's features of the generated images.
+    ``decov_weight`` adds the DeCov penalty of W2's features of the generated images; a count-aware loss
+    corrects for the real counts plus the generated weight, or for the real counts alone (``count_generated=False``).
     """
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
                  loss_fn: ClassificationLoss, allocator: Allocator, train_counts, gen_per_step: int,
                  gen_per_epoch: int, lambda_gen: float, temperatures: tuple[float, float], total_steps: int,
                  truncation: float | None = None, decov_weight: float = 0.0, keep_form: str = "relaxed",
-                 budget: str = "counted", **kwargs):
+                 budget: str = "counted", count_generated: bool = True, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, loss_fn=loss_fn,
                          total_steps=total_steps, **kwargs)
         self.allocator = allocator
@@ -143,6 +144,7 @@ class RefinedClassifierProblem(ClassifierProblem):
         self.temperatures = temperatures
         self.truncation = truncation
         self.decov_weight = decov_weight
+        self.count_generated = count_generated
 
     def initialize(self):
         super().initialize()
@@ -215,9 +217,12 @@ class RefinedClassifierProblem(ClassifierProblem):
             loss = loss + self.decov_weight * decov(features[n:])
         return loss
 
-    def class_counts(self, p: torch.Tensor, temperature) -> torch.Tensor:
+    def class_counts(self, p: torch.Tensor, temperature) -> torch.Tensor | None:
         """W2's class distribution per epoch, in images: the real counts plus λ times the generated weight
-        each class gets in expectation from ``p`` (M p_c counted or score, about M p_c² squared); no gradient."""
+        each class gets in expectation from ``p`` (M p_c counted or score, about M p_c² squared); no gradient.
+        None (the loss's own real counts) when generated images do not count."""
+        if not self.count_generated:
+            return None
         share = p.detach() if self.budget != "squared" else p.detach() * expected_keep(p, temperature, self.keep_form)
         return self.train_counts + self.lambda_gen * self.gen_per_epoch * share
 

@@ -9,25 +9,29 @@ from problems.classifier import ClassifierProblem
 
 class PregeneratedClassifierProblem(ClassifierProblem):
     """``L_cls(W2, D_tr) + λ · L_cls(W2, D_gen)`` with ``D_gen`` made once from a frozen p(s);
-    W2 reads neither W1 nor G, so nothing flows back to them.
+    W2 reads neither W1 nor G, so nothing flows back to them. A count-aware loss corrects for the real
+    counts plus λ times the generated set's, or for the real counts alone (``count_generated=False``).
 
     Its second loader is a placeholder until ``set_generated`` installs the generated set (the
     phase that trains W2 does so when it starts, and again when a run resumes inside it)."""
 
     def __init__(self, name, config, module, optimizer, scheduler=None, train_data_loader=None, *,
-                 lambda_gen: float, gen_per_step: int, train_counts, **kwargs):
+                 lambda_gen: float, gen_per_step: int, train_counts, count_generated: bool = True, **kwargs):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader, **kwargs)
         self.lambda_gen = lambda_gen
         self.gen_per_step = gen_per_step
         self.train_counts = torch.as_tensor(train_counts, dtype=torch.float)
-        self.class_counts = None  # per epoch, real plus λ times the generated set's (set with it)
+        self.count_generated = count_generated
+        # per epoch, real plus λ times the generated set's (set with it); None: the loss's own real counts
+        self.class_counts = None
 
     def set_generated(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
         """Install the generated set, keeping the loader position (epoch, batch) of a resumed run; under
         torchrun every process builds the same set and takes its share of each batch."""
         n = self.world_size
         generated = torch.zeros_like(self.train_counts).index_add_(0, labels.cpu(), torch.ones(len(labels)))
-        self.class_counts = (self.train_counts + self.lambda_gen * generated).to(self.device)
+        if self.count_generated:
+            self.class_counts = (self.train_counts + self.lambda_gen * generated).to(self.device)
         loader = make_loader("shuffle", images, labels.cpu().numpy(), self.gen_per_step * n, seed=seed,
                              device=self.device, rank=self._rank, world_size=n)
         loader.load_state_dict(self.train_data_loader[1].state_dict())

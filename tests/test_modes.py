@@ -209,6 +209,42 @@ def test_sequential_generation_discounted_by_the_generators_gan_train_on_the_val
     assert run.gan_cache_key() == plain.gan_cache_key()  # it acts after pre-training: one pre-trained GAN for both
 
 
+@pytest.mark.parametrize("mode", ["sequential", "end2end"])
+def test_class_prior_real_corrects_w2_for_the_real_counts_alone(mode, tmp_path):
+    """Balanced softmax on W2 adds the log of the real counts plus λ times the generated weight by default,
+    and of the real counts alone with train.class_prior=real (generated images then count as augmentation
+    of their class); post-hoc logit adjustment subtracts the matching prior."""
+    import torch.nn.functional as F
+
+    real = None
+    for prior in ("trained_on", "real"):
+        run = build_run(f"train.mode={mode}", "train.loss=balanced_softmax", "train.posthoc=logit_adjust",
+                        "train.gen_per_real=4", *FAST, "train.epochs=1", f"train.class_prior={prior}")
+        run.run_dir = tmp_path / prior
+        run.run_dir.mkdir()
+        run.trainer.run()
+        w2, real = run.levels["w2"], torch.as_tensor(run.data.train_counts, dtype=torch.float)
+        if mode == "sequential":
+            counts = w2.class_counts
+        else:
+            batch = w2.get_batch()
+            counts = w2.class_counts(w2.allocation(batch["x_val"], batch["y_val"], batch["idx_val"])[0],
+                                     batch["temperature"])
+        if prior == "real":
+            assert counts is None  # the loss keeps its own counts: the real ones
+            assert torch.allclose(run.class_prior("w2"), real / real.sum())
+        else:
+            assert counts.sum() > 1.5 * real.sum()  # the generated images count, in W2's loss and in the prior
+            assert not torch.allclose(run.class_prior("w2"), real / real.sum(), atol=1e-2)
+        corrected = real if counts is None else counts.cpu()
+        x, y = next(iter(make_loader("sequential", run.data.test_images, run.data.test_labels, 32, device=run.device)))
+        run.engine.eval()
+        with torch.no_grad():
+            losses = w2.per_sample_loss(x, y, 0.5, real=len(y), class_counts=counts)
+            expected = F.cross_entropy(w2(x) + torch.log(corrected / corrected.sum()), y, reduction="none")
+        assert torch.allclose(losses, expected, atol=1e-5), prior
+
+
 def test_sequential_set_is_rebuilt_identically_on_resume():
     run = build_run("train.mode=sequential")
     pregenerate(run)
@@ -301,6 +337,7 @@ def test_logit_adjustment_of_w2_uses_the_classes_it_trained_on_real_and_generate
     (("train.mode=vanilla", "train.meta_weight_decay=0.1"), "this run has no meta level"),
     (("train.mode=sequential", "train.meta_data=val_and_train"), "this run has no meta level"),
     (("train.mode=end2end", "train.alloc_discount=gan_train"), "scales the split of the set sequential generates"),
+    (("train.mode=vanilla", "train.class_prior=real"), "train.mode=vanilla generates none"),
     (("train.mode=sequential_real", "data.dataset=synthetic", "data.image_size=4", "data.n_max=20",
       "train.alloc_discount=gan_train"), "train.mode=sequential_real does not make"),
 ])

@@ -14,7 +14,8 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   A learned on the validation set, ``vanilla_meta``), the generating ones (end2end and sequential, each
   alone and with logit adjustment, cRT and balanced softmax stacked; end2end with the learned allocation;
   sequential with its split discounted by the generator's per-class GAN-train on the validation set (alone and
-  with cRT); sequential with the generator pre-trained 20,000 steps instead of 10,000 (alone and with cRT); end2end
+  with cRT); sequential with the generator pre-trained 20,000 steps instead of 10,000 (alone, with cRT, with logit adjustment and
+  with balanced softmax, the last two also with ``class_prior=real``: corrected for the real counts alone); end2end
   with the literal squared budget and with the score-function budget), A's extensions against
   over-fitting the validation set (weight decay 5e-4, validation plus class-balanced training batches) in
   vanilla_meta and end2end, and the perfect-generator bound ``sequential_real`` (alone, with cRT, with
@@ -55,7 +56,10 @@ GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", 
               "sequential", "sequential:posthoc=logit_adjust", "sequential:posthoc=crt",
               "sequential:loss=balanced_softmax", "end2end:allocator=learned", "sequential:alloc_discount=gan_train",
               "sequential:alloc_discount=gan_train+posthoc=crt", "sequential:gan_pretrain_steps=20000",
-              "sequential:gan_pretrain_steps=20000+posthoc=crt")
+              "sequential:gan_pretrain_steps=20000+posthoc=crt", "sequential:gan_pretrain_steps=20000+posthoc=logit_adjust",
+              "sequential:gan_pretrain_steps=20000+class_prior=real+posthoc=logit_adjust",
+              "sequential:gan_pretrain_steps=20000+loss=balanced_softmax",
+              "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real")
 EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla_meta:meta_weight_decay=0.0005",
               "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
               "end2end:meta_data=val_and_train")
@@ -138,6 +142,24 @@ def result_table(results: dict[str, dict[int, dict]], published: dict[str, float
     return markdown_table(header, rows), top1
 
 
+def one_setting_apart(labels) -> list[tuple[str, str, str]]:
+    """(row, base, setting): ``base`` is the row without one of its settings, the same mode and the same post-hoc
+    correction on both sides (the mode alone for a row with one setting), so each setting's effect is measured."""
+    def parts(label):
+        mode, _, rest = label.partition(":")
+        options = [o for o in rest.split("+") if o]
+        posthoc = [o for o in options if o.startswith("posthoc=")]
+        return mode, [o for o in options if o not in posthoc], posthoc
+
+    pairs = []
+    for label in labels:
+        mode, settings, posthoc = parts(label)
+        for dropped in settings:
+            kept = [o for o in settings if o != dropped] + posthoc
+            pairs.append((label, mode + (":" + "+".join(kept) if kept else ""), dropped))
+    return pairs
+
+
 def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
     """The best generating row against the best non-generating one, and end2end against sequential."""
     lines = []
@@ -156,12 +178,8 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
             if t["n"]:
                 lines.append(f"`{a}` − `{b}` ({what}): {t['mean_diff_pp']:+.2f} points "
                              f"on {t['n']} common seeds (p = {_p(t)}).")
-    for option in (*GENERATING, *EXTENSIONS):  # one setting changed on the same runs (and pre-trained GANs)
-        mode, _, rest = option.partition(":")
-        posthoc = [o for o in rest.split("+") if o.startswith("posthoc=")]
-        change = "+".join(o for o in rest.split("+") if o and o not in posthoc)
-        base = mode + "".join(f":{o}" for o in posthoc)  # a post-hoc correction on both sides
-        if change and top1.get(option) and top1.get(base):
+    for option, base, change in one_setting_apart((*GENERATING, *EXTENSIONS)):  # the same runs and pre-trained GANs
+        if top1.get(option) and top1.get(base):
             t = paired_on_common_seeds(top1[option], top1[base])
             if t["n"]:
                 lines.append(f"`{option}` − `{base}` (`{change}` alone): {t['mean_diff_pp']:+.2f} points on "
