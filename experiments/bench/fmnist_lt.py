@@ -15,7 +15,8 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   alone and with logit adjustment, cRT and balanced softmax stacked; end2end with the learned allocation;
   sequential with its split discounted by the generator's per-class GAN-train on the validation set (alone and
   with cRT); sequential with the generator pre-trained 20,000 steps instead of 10,000 (alone, with cRT, with logit adjustment and
-  with balanced softmax, the last two also with ``class_prior=real``: corrected for the real counts alone); end2end
+  with balanced softmax, the last two also with ``class_prior=real``: corrected for the real counts alone; and that
+  last one with W2 fine-tuning W1, ``w2_init=w1``, beside the same fine-tuning without generated images); end2end
   with the literal squared budget and with the score-function budget), A's extensions against
   over-fitting the validation set (weight decay 5e-4, validation plus class-balanced training batches) in
   vanilla_meta and end2end, and the perfect-generator bound ``sequential_real`` (alone, with cRT, with
@@ -50,8 +51,11 @@ import numpy as np
 from scipy import stats
 
 PARTS = ("if100", "if20", "gan", "fullsize")
+# the last row generates nothing W2 learns from (lambda_gen=0): W2 fine-tunes W1 on the real images alone, the
+# control that tells a fine-tuned W2's gain from its generated images' (its GAN is trained but unused)
 NON_GENERATING = ("vanilla", "vanilla:posthoc=logit_adjust", "vanilla:posthoc=crt", "vanilla:loss=balanced_softmax",
-                  "vanilla:loss=ldam_drw", "vanilla_meta")
+                  "vanilla:loss=ldam_drw", "vanilla_meta",
+                  "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+w2_init=w1+lambda_gen=0")
 GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", "end2end:loss=balanced_softmax",
               "sequential", "sequential:posthoc=logit_adjust", "sequential:posthoc=crt",
               "sequential:loss=balanced_softmax", "end2end:allocator=learned", "sequential:alloc_discount=gan_train",
@@ -59,7 +63,8 @@ GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", 
               "sequential:gan_pretrain_steps=20000+posthoc=crt", "sequential:gan_pretrain_steps=20000+posthoc=logit_adjust",
               "sequential:gan_pretrain_steps=20000+class_prior=real+posthoc=logit_adjust",
               "sequential:gan_pretrain_steps=20000+loss=balanced_softmax",
-              "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real")
+              "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real",
+              "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real+w2_init=w1")
 EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla_meta:meta_weight_decay=0.0005",
               "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
               "end2end:meta_data=val_and_train")
