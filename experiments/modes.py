@@ -226,9 +226,10 @@ def resolve_mode(cfg) -> Mode:
     if not mode.generates and t.allocator != "needs":
         raise ConfigError(f"train.allocator={t.allocator} has no effect in train.mode={t.mode}, which generates "
                           f"nothing; drop it or choose a generating mode")
-    if t.class_prior != type(t)().class_prior and not mode.generates:
+    if t.class_prior != type(t)().class_prior and not (mode.generates or
+                                                      any(mode.kind(n) in DECOV_KINDS for n in mode.levels)):
         raise ConfigError(f"train.class_prior={t.class_prior} chooses whether generated images count in the class "
-                          f"distribution, and train.mode={t.mode} generates none; drop it")
+                          f"distribution, and train.mode={t.mode} trains on none; drop it")
     if t.alloc_discount != "none" and "w2_pregenerated" not in mode.phases:
         raise ConfigError(f"train.alloc_discount={t.alloc_discount} scales the split of the set sequential generates "
                           f"once, before W2 trains, which train.mode={t.mode} does not make; use train.mode=sequential "

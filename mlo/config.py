@@ -253,12 +253,14 @@ class TrainConfig:
                                    "class-balanced sampling, reported as 'after'). needsgen compare starts such a "
                                    "variant from the finished run without it, rather than training it again",
                            choices=("none", "logit_adjust", "crt"))
-    class_prior: str = setting("trained_on", "generating modes: the class distribution that the count-aware losses "
+    class_prior: str = setting("trained_on", "modes whose W2 trains on generated images: the class distribution that "
+                                             "the count-aware losses "
                                              "(balanced_softmax, cb, ldam_drw) of W2 and posthoc=logit_adjust correct "
                                              "for: trained_on (real images plus the generated ones at their weight in "
                                              "W2's loss) or real (beyond the paper: the real training counts alone, "
                                              "generated images counted as augmentation of their class rather than as "
-                                             "a shift of the class distribution)",
+                                             "a shift of the class distribution; in sequential_real, the extra pool "
+                                             "images)",
                                choices=("trained_on", "real"))
     posthoc_tau: float = setting(1.0, "posthoc=logit_adjust: tau of the prior subtracted from the logits", min=0.0)
     crt_epochs: int = setting(10, "posthoc=crt: epochs of the head's re-training", min=1)

@@ -337,7 +337,7 @@ def test_logit_adjustment_of_w2_uses_the_classes_it_trained_on_real_and_generate
     (("train.mode=vanilla", "train.meta_weight_decay=0.1"), "this run has no meta level"),
     (("train.mode=sequential", "train.meta_data=val_and_train"), "this run has no meta level"),
     (("train.mode=end2end", "train.alloc_discount=gan_train"), "scales the split of the set sequential generates"),
-    (("train.mode=vanilla", "train.class_prior=real"), "train.mode=vanilla generates none"),
+    (("train.mode=vanilla", "train.class_prior=real"), "train.mode=vanilla trains on none"),
     (("train.mode=sequential_real", "data.dataset=synthetic", "data.image_size=4", "data.n_max=20",
       "train.alloc_discount=gan_train"), "train.mode=sequential_real does not make"),
 ])

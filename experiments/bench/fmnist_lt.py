@@ -53,9 +53,10 @@ from scipy import stats
 PARTS = ("if100", "if20", "gan", "fullsize")
 # the last row generates nothing W2 learns from (lambda_gen=0): W2 fine-tunes W1 on the real images alone, the
 # control that tells a fine-tuned W2's gain from its generated images' (its GAN is trained but unused)
+FINE_TUNED_WITH_GENERATED = "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real+w2_init=w1"
+FINE_TUNED_WITHOUT_GENERATED = "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+w2_init=w1+lambda_gen=0"
 NON_GENERATING = ("vanilla", "vanilla:posthoc=logit_adjust", "vanilla:posthoc=crt", "vanilla:loss=balanced_softmax",
-                  "vanilla:loss=ldam_drw", "vanilla_meta",
-                  "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+w2_init=w1+lambda_gen=0")
+                  "vanilla:loss=ldam_drw", "vanilla_meta", FINE_TUNED_WITHOUT_GENERATED)
 GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", "end2end:loss=balanced_softmax",
               "sequential", "sequential:posthoc=logit_adjust", "sequential:posthoc=crt",
               "sequential:loss=balanced_softmax", "end2end:allocator=learned", "sequential:alloc_discount=gan_train",
@@ -63,8 +64,7 @@ GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", 
               "sequential:gan_pretrain_steps=20000+posthoc=crt", "sequential:gan_pretrain_steps=20000+posthoc=logit_adjust",
               "sequential:gan_pretrain_steps=20000+class_prior=real+posthoc=logit_adjust",
               "sequential:gan_pretrain_steps=20000+loss=balanced_softmax",
-              "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real",
-              "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real+w2_init=w1")
+              "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real", FINE_TUNED_WITH_GENERATED)
 EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla_meta:meta_weight_decay=0.0005",
               "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
               "end2end:meta_data=val_and_train")
@@ -150,10 +150,12 @@ def result_table(results: dict[str, dict[int, dict]], published: dict[str, float
 def one_setting_apart(labels) -> list[tuple[str, str, str]]:
     """(row, base, setting): ``base`` is the row without one of its settings, the same mode and the same post-hoc
     correction on both sides (the mode alone for a row with one setting), so each setting's effect is measured."""
+    from experiments.variants import is_posthoc_override
+
     def parts(label):
         mode, _, rest = label.partition(":")
         options = [o for o in rest.split("+") if o]
-        posthoc = [o for o in options if o.startswith("posthoc=")]
+        posthoc = [o for o in options if is_posthoc_override(o)]
         return mode, [o for o in options if o not in posthoc], posthoc
 
     pairs = []
@@ -177,6 +179,7 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
     pairs = [(f"end2end{suffix}", f"sequential{suffix}", "the same expected budget M p_c")
              for suffix in ("", ":posthoc=logit_adjust", ":posthoc=crt", ":loss=balanced_softmax")]
     pairs.append(("end2end:gen_budget=score", "sequential", "both M p_c images a class at weight 1"))
+    pairs.append((FINE_TUNED_WITH_GENERATED, FINE_TUNED_WITHOUT_GENERATED, "W2 fine-tunes W1 with generated images or without"))
     for a, b, what in pairs:
         if top1.get(a) and top1.get(b):
             t = paired_on_common_seeds(top1[a], top1[b])
