@@ -11,7 +11,8 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
 
 - ``if100``: ``fmnist_lt_cpu`` at imbalance factor 100 (folder ``fmnist_if100``): the non-generating
   configurations (vanilla; its post-hoc logit adjustment and cRT; balanced softmax; LDAM-DRW; vanilla with
-  A learned on the validation set, ``vanilla_meta``), the generating ones (end2end and sequential, each
+  A learned on the validation set, ``vanilla_meta``; and the control, sequential's W2 fine-tuning W1 with
+  balanced softmax and ``lambda_gen=0``, no generated image), the generating ones (end2end and sequential, each
   alone and with logit adjustment, cRT and balanced softmax stacked; end2end with the learned allocation;
   sequential with its split discounted by the generator's per-class GAN-train on the validation set (alone and
   with cRT); sequential with the generator pre-trained 20,000 steps instead of 10,000 (alone, with cRT, with logit adjustment and
