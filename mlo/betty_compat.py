@@ -224,8 +224,13 @@ class CompatEngine(Engine):
         return {"strategy": self._strategy, "backend": self._backend, "world_size": self._world_size,
                 "rank": self._rank, "local_rank": self._local_rank}
 
+    def cleanup(self):
+        """Leave the process group (Betty's own cleanup would fail on a group already left)."""
+        leave_process_group()
+
 
 def leave_process_group() -> None:
-    """Destroy the process group if this process is still in one (a no-op after ``Engine.cleanup``)."""
+    """Destroy the process group if this process is still in one: ``CompatEngine.cleanup``, and at exit for a
+    process that never cleaned up."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -29,8 +29,8 @@ class PregeneratedClassifierProblem(ClassifierProblem):
         """Install the generated set, keeping the loader position (epoch, batch) of a resumed run; under
         torchrun every process builds the same set and takes its share of each batch."""
         n = self.world_size
-        generated = torch.zeros_like(self.train_counts).index_add_(0, labels.cpu(), torch.ones(len(labels)))
         if self.count_generated:
+            generated = torch.zeros_like(self.train_counts).index_add_(0, labels.cpu(), torch.ones(len(labels)))
             self.class_counts = (self.train_counts + self.lambda_gen * generated).to(self.device)
         loader = make_loader("shuffle", images, labels.cpu().numpy(), self.gen_per_step * n, seed=seed,
                              device=self.device, rank=self._rank, world_size=n)
