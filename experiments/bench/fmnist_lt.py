@@ -60,12 +60,6 @@ FINE_TUNED_WITHOUT_GENERATED = "sequential:gan_pretrain_steps=20000+loss=balance
 CHEAP = ("vanilla", "vanilla:posthoc=logit_adjust", "vanilla:posthoc=crt", "vanilla:loss=balanced_softmax",
          "vanilla:loss=ldam_drw", "vanilla_meta")  # the issue's non-generating baselines: one classifier, one training
 NON_GENERATING = CHEAP + (FINE_TUNED_WITHOUT_GENERATED,)
-
-
-def non_generating(label: str) -> bool:
-    """One of the non-generating rows, or a row whose W2 learns from no generated image (``lambda_gen=0``, e.g. a
-    full-size pair's control)."""
-    return label in NON_GENERATING or "lambda_gen=0" in label.partition(":")[2].split("+")
 GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", "end2end:loss=balanced_softmax",
               "sequential", "sequential:posthoc=logit_adjust", "sequential:posthoc=crt",
               "sequential:loss=balanced_softmax", "end2end:allocator=learned", "sequential:alloc_discount=gan_train",
@@ -106,6 +100,16 @@ def best_of(names, top1: dict[str, dict[int, float]]) -> str | None:
     return max(present, key=lambda n: np.mean(list(top1[n].values()))) if present else None
 
 
+def non_generating(label: str) -> bool:
+    """One of the non-generating rows, or a row whose W2 learns from no generated image (``lambda_gen=0``, e.g. a
+    full-size pair's control)."""
+    return label in NON_GENERATING or "lambda_gen=0" in label.partition(":")[2].split("+")
+
+
+def best_non_generating(top1: dict[str, dict[int, float]]) -> str | None:
+    return best_of([n for n in top1 if non_generating(n)], top1)
+
+
 def paired_on_common_seeds(a: dict[int, float], b: dict[int, float]) -> dict:
     """The paired test over the seeds both rows have (a row still running has fewer)."""
     from experiments.compare import paired_test
@@ -135,7 +139,7 @@ def result_table(results: dict[str, dict[int, dict]], published: dict[str, float
     from mlo.report import markdown_table
 
     top1 = {name: {s: m["top1"] for s, m in runs.items()} for name, runs in results.items()}
-    best, cheap = best_of([n for n in top1 if non_generating(n)], top1), best_of(CHEAP, top1)
+    best, cheap = best_non_generating(top1), best_of(CHEAP, top1)
     bases = ["vanilla", best] + ([cheap] if cheap != best else [])
     header = ["variant", "seeds", "Top-1 %", "Many %", "Medium %", "Few %", "vs vanilla: diff (p)",
               f"vs best non-generating ({best}): diff (p)"] + (
@@ -183,7 +187,7 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
     """The best generating row against the best non-generating one, and end2end against sequential."""
     lines = []
     gen = best_of(generating, top1)
-    best = best_of([n for n in top1 if non_generating(n)], top1)
+    best = best_non_generating(top1)
     for non, what in ((best, "non-generating"), (best_of(CHEAP, top1), "cheap baseline")):
         if gen and non and not (what == "cheap baseline" and non == best):
             t = paired_on_common_seeds(top1[gen], top1[non])
