@@ -234,6 +234,9 @@ def resolve_mode(cfg) -> Mode:
         raise ConfigError(f"train.alloc_discount={t.alloc_discount} scales the split of the set sequential generates "
                           f"once, before W2 trains, which train.mode={t.mode} does not make; use train.mode=sequential "
                           f"or drop it")
+    if t.gen_filter != "none" and "w2_pregenerated" not in mode.phases:
+        raise ConfigError(f"train.gen_filter={t.gen_filter} filters the set sequential generates once, before W2 "
+                          f"trains, which train.mode={t.mode} does not make; use train.mode=sequential or drop it")
     if t.allocator == "learned":
         if not mode.draws_generated:
             raise ConfigError(f"train.allocator=learned learns p(s) through W2's training on images it draws as it "

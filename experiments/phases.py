@@ -18,6 +18,7 @@ from mlo.trainer import Phase
 
 GENERATION_CHUNK = 500
 QUALITY_EPOCHS = 10  # train.alloc_discount's GAN-train classifier: the epochs of the README's GAN-train
+FILTER_DRAWS = 10  # train.gen_filter: draws per generated image before a class W1 never recognises is left short
 
 
 def build_phases(run) -> list[Phase]:
@@ -84,12 +85,40 @@ def pregenerate(run, spare_pool: bool = False) -> None:
             z = torch.randn(n, ema.z_dim, generator=noise, device=device)
             return z if tau is None else truncate(z, tau)
 
-        images = to_uint8(torch.cat([ema(latents(len(c)), c) for c in classes.split(GENERATION_CHUNK)]))
+        def draw(labels):
+            return to_uint8(torch.cat([ema(latents(len(c)), c) for c in labels.split(GENERATION_CHUNK)]))
+
+        images = draw(classes)
+    acceptance = None
+    if run.cfg.train.gen_filter == "w1_agrees":
+        images, classes, acceptance = keep_what_w1_recognises(w1, images, classes, draw, data.num_classes)
     w2.set_generated(images, classes, seed=ctx.seed("sequential generated order"))
     run.pregenerated = {"generated": torch.bincount(classes, minlength=data.num_classes).float(), "allocation": p}
     if quality is not None:
         run.pregenerated["quality"] = quality
+    if acceptance is not None:
+        run.pregenerated["acceptance"] = acceptance
     run.engine.train()
+
+
+def keep_what_w1_recognises(w1, images: torch.Tensor, classes: torch.Tensor, draw, num_classes: int):
+    """``train.gen_filter=w1_agrees``: the generated images W1 classifies as the class each was drawn for. A
+    rejected image is drawn again (``draw``: new latents, the same classes) up to ``FILTER_DRAWS`` times in all,
+    then left out. Also, per class, the share of first draws W1 accepted (its GAN-test on this set)."""
+    def agrees(x, y):
+        logits, _ = predict(w1, make_loader("sequential", x, y.cpu().numpy(), GENERATION_CHUNK, device=classes.device))
+        return logits.argmax(1).to(classes.device) == y
+
+    accepted = agrees(images, classes)
+    acceptance = (torch.bincount(classes[accepted], minlength=num_classes).float()
+                  / torch.bincount(classes, minlength=num_classes).float().clamp(min=1))
+    for _ in range(FILTER_DRAWS - 1):
+        rejected = (~accepted).nonzero().squeeze(1)
+        if len(rejected) == 0:
+            break
+        images[rejected] = draw(classes[rejected])
+        accepted[rejected] = agrees(images[rejected], classes[rejected])
+    return images[accepted], classes[accepted], acceptance
 
 
 def generator_quality(run, generator, tau: float | None) -> tuple[torch.Tensor, torch.Tensor]:

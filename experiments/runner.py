@@ -57,8 +57,8 @@ AFTER_GAN_PRETRAINING = RESUMABLE_CHANGES + POSTHOC_SETTINGS + tuple(f"train.{k}
     "epochs", "optimizer", "lr", "momentum", "sam_rho", "w2_init", "weight_decay", "lr_milestones", "lr_decay", "meta_lr",
     "meta_weight_decay", "meta_data", "alloc_lr", "lambda_gen", "gamma", "hypergradient", "darts_alpha", "keep_weights",
     "gen_budget", "temperature_start", "temperature_end", "allocator", "worstk_k", "worstk_fraction", "alloc_discount",
-    "class_prior", "loss", "focal_gamma", "cb_beta", "logit_adjust_tau", "ldam_margin", "ldam_scale", "drw_start", "isda_lambda",
-    "mtl_weight", "gen_per_real", "decov_weight", "max_faults", "meta_chunk")) + (
+    "gen_filter", "class_prior", "loss", "focal_gamma", "cb_beta", "logit_adjust_tau", "ldam_margin", "ldam_scale",
+    "drw_start", "isda_lambda", "mtl_weight", "gen_per_real", "decov_weight", "max_faults", "meta_chunk")) + (
     "gan.truncation", "gan.learn_truncation", "gan.truncation_lr")
 GAN_LEVELS = ("disc", "gen")
 PRETRAINING = "GAN pre-training"
@@ -520,6 +520,8 @@ class Run:
             metrics["allocation"] = [round(float(v), 4) for v in summary["allocation"].cpu()]
             if "quality" in summary:  # train.alloc_discount: what scaled the allocator's p(s)
                 metrics["allocation_quality"] = [round(float(v), 4) for v in summary["quality"].cpu()]
+            if "acceptance" in summary:  # train.gen_filter: the share of first draws W1 read as their class
+                metrics["generated_acceptance"] = [round(float(v), 4) for v in summary["acceptance"].cpu()]
             metrics["w1_val_acc_per_class"] = [round(float(v), 4) for v in w1_val]
         return metrics
 

@@ -224,6 +224,11 @@ class TrainConfig:
                                           "equal), as (right + 1) / (n + 2), renormalised, so a class the generator "
                                           "cannot draw gets fewer of its images; none: p(s) as the allocator gives it",
                                   choices=("none", "gan_train"))
+    gen_filter: str = setting("none", "sequential, beyond the paper: w1_agrees keeps a generated image only where W1 "
+                                      "classifies it as the class it was drawn for, drawing a rejected one again "
+                                      "(a new latent, the same class) up to 10 times and leaving out what W1 still "
+                                      "rejects, so W2 learns from no image W1 reads as another class; none: every "
+                                      "image drawn", choices=("none", "w1_agrees"))
     worstk_k: int = setting(3, "worstk: how many of the worst classes (by validation accuracy) get images", min=1)
     worstk_fraction: float = setting(0.5, "worstk: generated images per epoch as a fraction of the class's real ones",
                                      min=0.0)

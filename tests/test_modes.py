@@ -11,8 +11,9 @@ from scipy import stats
 from experiments.modes import BUILT_IN
 from experiments.phases import build_phases, pregenerate
 from mlo.budget import ClassStats, WorstKAllocator, create_allocator, discount_by_quality
-from mlo.data.loaders import make_loader
+from mlo.data.loaders import make_loader, to_uint8
 from mlo.metrics import predict
+from mlo.models.gan.sampling import generate
 from mlo.trainer import Phase, Trainer
 from problems import (AdversarialClassifierProblem, AdversarialGeneratorProblem, ClassifierProblem, RefinedClassifierProblem)
 from problems.base import frozen_statistics, stateful_layers
@@ -209,6 +210,51 @@ def test_sequential_generation_discounted_by_the_generators_gan_train_on_the_val
     assert run.gan_cache_key() == plain.gan_cache_key()  # it acts after pre-training: one pre-trained GAN for both
 
 
+def test_sequential_generation_filtered_by_w1_keeps_only_images_w1_reads_as_their_class():
+    def generated_set(run):
+        loader = run.levels["w2"].train_data_loader[1]
+        return loader.images, loader.labels
+
+    def w1_reads(run, images, labels):
+        run.engine.eval()  # as pregenerate reads it (it leaves the engine training)
+        logits, _ = predict(run.levels["w1"], make_loader("sequential", images, labels.numpy(), 500))
+        run.engine.train()
+        return logits.argmax(1)
+
+    import torch.nn.functional as F
+
+    run = build_run("train.mode=sequential", "train.gen_per_real=10", "train.gen_filter=w1_agrees")
+    # a W1 that reads the untrained generator's classes now and then, so that some redraws are accepted
+    w1, labels = run.levels["w1"], torch.arange(400) % run.data.num_classes
+    images = to_uint8(generate(run.levels["gen"].ema.module.eval(), labels, 123, "cpu"))
+    optimizer = torch.optim.Adam(w1.module.parameters(), 1e-2)
+    w1.module.train()
+    for _ in range(2):
+        for x, y in make_loader("shuffle", images, labels.numpy(), 32, seed=0):
+            optimizer.zero_grad()
+            F.cross_entropy(w1(x), y).backward()
+            optimizer.step()
+    plain = build_run("train.mode=sequential", "train.gen_per_real=10")
+    plain.levels["w1"].module.load_state_dict(w1.module.state_dict())
+    pregenerate(plain)
+    pregenerate(run)
+    images, labels = generated_set(run)
+    assert len(labels) > 0 and torch.equal(w1_reads(run, images, labels), labels)  # nothing W1 reads otherwise
+    first_images, first_labels = generated_set(plain)  # the first draws are the unfiltered set
+    first_right = (w1_reads(plain, first_images, first_labels) == first_labels).float()
+    drawn = torch.bincount(first_labels, minlength=run.data.num_classes).float()
+    first_accepted = torch.zeros_like(drawn).index_add_(0, first_labels, first_right)
+    assert torch.allclose(run.pregenerated["acceptance"], first_accepted / drawn.clamp(min=1))
+    kept = run.pregenerated["generated"]
+    assert torch.equal(kept, torch.bincount(labels, minlength=run.data.num_classes).float())
+    assert (kept <= drawn).all() and kept.sum() > first_accepted.sum()  # redraws refill some of the rejected
+    again = build_run("train.mode=sequential", "train.gen_per_real=10", "train.gen_filter=w1_agrees")
+    again.levels["w1"].module.load_state_dict(run.levels["w1"].module.state_dict())
+    pregenerate(again)  # seeded: a resumed run rebuilds the same set
+    assert torch.equal(generated_set(again)[0], images)
+    assert run.gan_cache_key() == plain.gan_cache_key()  # it acts after pre-training: one pre-trained GAN for both
+
+
 @pytest.mark.parametrize("mode", ["sequential", "end2end"])
 def test_class_prior_real_corrects_w2_for_the_real_counts_alone(mode, tmp_path):
     """Balanced softmax on W2 adds the log of the real counts plus λ times the generated weight by default,
@@ -337,6 +383,9 @@ def test_logit_adjustment_of_w2_uses_the_classes_it_trained_on_real_and_generate
     (("train.mode=vanilla", "train.meta_weight_decay=0.1"), "this run has no meta level"),
     (("train.mode=sequential", "train.meta_data=val_and_train"), "this run has no meta level"),
     (("train.mode=end2end", "train.alloc_discount=gan_train"), "scales the split of the set sequential generates"),
+    (("train.mode=end2end", "train.gen_filter=w1_agrees"), "filters the set sequential generates"),
+    (("train.mode=sequential_real", "data.dataset=synthetic", "data.image_size=4", "data.n_max=20",
+      "train.gen_filter=w1_agrees"), "train.mode=sequential_real does not make"),
     (("train.mode=vanilla", "train.class_prior=real"), "train.mode=vanilla trains on none"),
     (("train.mode=sequential_real", "data.dataset=synthetic", "data.image_size=4", "data.n_max=20",
       "train.alloc_discount=gan_train"), "train.mode=sequential_real does not make"),

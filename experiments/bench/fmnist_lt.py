@@ -18,7 +18,7 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   with cRT); sequential with the generator pre-trained 20,000 steps instead of 10,000 (alone, with cRT, with logit adjustment and
   with balanced softmax, the last two also with ``class_prior=real``: corrected for the real counts alone; and that
   last one with W2 fine-tuning W1, ``w2_init=w1``, beside the same fine-tuning without generated images, and with
-  the discounted split); end2end
+  the discounted split, and with its set filtered by W1, ``gen_filter=w1_agrees``); end2end
   with the literal squared budget and with the score-function budget), A's extensions against
   over-fitting the validation set (weight decay 5e-4, validation plus class-balanced training batches) in
   vanilla_meta and end2end, and the perfect-generator bound ``sequential_real`` (alone, with cRT, with
@@ -68,7 +68,8 @@ GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", 
               "sequential:gan_pretrain_steps=20000+class_prior=real+posthoc=logit_adjust",
               "sequential:gan_pretrain_steps=20000+loss=balanced_softmax",
               "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real", FINE_TUNED_WITH_GENERATED,
-              FINE_TUNED_WITH_GENERATED + "+alloc_discount=gan_train")
+              FINE_TUNED_WITH_GENERATED + "+alloc_discount=gan_train",
+              FINE_TUNED_WITH_GENERATED + "+gen_filter=w1_agrees")
 EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla_meta:meta_weight_decay=0.0005",
               "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
               "end2end:meta_data=val_and_train")
