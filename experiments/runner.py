@@ -62,6 +62,7 @@ AFTER_GAN_PRETRAINING = RESUMABLE_CHANGES + POSTHOC_SETTINGS + tuple(f"train.{k}
     "gan.truncation", "gan.learn_truncation", "gan.truncation_lr")
 GAN_LEVELS = ("disc", "gen")
 PRETRAINING = "GAN pre-training"
+GAN_TRAINING = "GAN"  # the baselines' GAN training after pre-training: W1's and W2's settings do not reach it either
 EVAL_BATCH = 500
 SAMPLES_PER_CLASS = 8
 SMALL_LEVEL = 1000  # levels with at most this many parameters have their learned values in metrics.json
@@ -143,10 +144,13 @@ class Run:
         phases = build_phases(self)
         self.gan_cache_file: Path | None = None  # where this run's pre-trained GAN was read or written
         self.gan_pretrained = None               # "shared" (read from run.gan_cache) or "trained"
+        self.gan_trained = None                  # the same for the GAN phase after pre-training
         if cfg.run.gan_cache and not self.processes.distributed:  # under torchrun each process has noise of its own
             for phase in phases:
                 if phase.name == PRETRAINING:
                     phase.restore, phase.on_end = self.restore_pretrained_gan, self.after_pretraining(phase.on_end)
+                elif phase.name == GAN_TRAINING:
+                    phase.restore, phase.on_end = self.restore_trained_gan(phase), self.after_gan_training(phase)
         # the phase that trains the reported classifier (a re-trained head's is a correction after it)
         self.main_phase = [p.name for p in phases if p.epoch_length and p.leaves != ["crt"]][-1]
         self.derived_from: Path | None = None  # the finished run this one continues (train.posthoc, in compare)
@@ -305,6 +309,7 @@ class Run:
             "elapsed": self.elapsed, "last_epoch": self.last_epoch, "pregenerated": self.pregenerated,
             "trained_on": self.trained_on, "derived_from": str(self.derived_from) if self.derived_from else None,
             "gan_pretrained": [self.gan_pretrained, str(self.gan_cache_file) if self.gan_cache_file else None],
+            "gan_trained": self.gan_trained,
             "processes": self.processes.world_size,
             "rng": self.global_rng_state(),
         }
@@ -386,6 +391,7 @@ class Run:
         # the cache file is known from the start of pre-training, before the GAN is "trained" or "shared"
         self.gan_pretrained, cache_file = state.get("gan_pretrained", (None, None))
         self.gan_cache_file = Path(cache_file) if cache_file else None
+        self.gan_trained = state.get("gan_trained")
         self.checkpoint_step = self.engine.global_step
         rng = own["rng"]
         torch.set_rng_state(rng["torch"].cpu())
@@ -440,16 +446,7 @@ class Run:
         self.gan_cache_file = Path(self.cfg.run.gan_cache).expanduser() / f"pretrained-{self.gan_cache_key()}.pt"
         if not self.gan_cache_file.is_file():
             return False
-        state = load_checkpoint(self.gan_cache_file, map_location=self.device)
-        for name, level in self.levels.items():
-            if name in GAN_LEVELS:
-                level.load_level_state(state["levels"][name])
-            elif name in state["ready"]:  # G's and H's steps marked themselves ready in the levels above them
-                level.ready = list(state["ready"][name])
-        if "meta" in self.levels:  # H's steps move its own statistics in a neck-form A
-            self.levels["meta"].module.load_state_dict(state["meta"])
-        self.engine.global_step += state["steps"]
-        self.trainer.phase_seconds[PRETRAINING] = state["seconds"]
+        self.load_shared_gan(self.gan_cache_file, PRETRAINING)
         self.gan_pretrained = "shared"
         return True
 
@@ -458,23 +455,74 @@ class Run:
         def done():
             if then is not None:
                 then()
-            self.share_pretrained_gan()
+            self.gan_pretrained = "trained"
+            if self.gan_cache_file is None:  # resumed from a checkpoint that lost it (written before bc413d5)
+                print(f"{self.cfg.run.name}: the pre-trained GAN's key was lost on an earlier resume; not shared",
+                      file=sys.stderr)
+                return
+            self.save_shared_gan(self.gan_cache_file, PRETRAINING, self.cfg.gan.gan_pretrain_steps)
         return done
 
-    def share_pretrained_gan(self) -> None:
-        """At the end of pre-training: leave the GAN where other runs with the same settings find it."""
-        self.gan_pretrained = "trained"
-        if self.gan_cache_file is None:  # resumed from a checkpoint that lost it (written before bc413d5)
-            print(f"{self.cfg.run.name}: the pre-trained GAN's key was lost on an earlier resume; not shared",
-                  file=sys.stderr)
-            return
-        state = {"format": CHECKPOINT_FORMAT, "steps": self.cfg.gan.gan_pretrain_steps,
-                 "seconds": self.trainer.phase_seconds.get(PRETRAINING, 0.0),
+    def trained_gan_file(self) -> Path | None:
+        """Where the GAN phase's GAN is shared: the pre-training's key (what determined the GAN so far) and the
+        phase's length, the one setting acting after pre-training that reaches the GAN."""
+        phase = next((p for p in self.trainer.phases if p.name == GAN_TRAINING), None)
+        if self.gan_cache_file is None or phase is None:
+            return None
+        key = self.gan_cache_file.stem.removeprefix("pretrained-")
+        return self.gan_cache_file.with_name(f"trained-{key}-{phase.iterations}.pt")
+
+    def restore_trained_gan(self, phase: Phase):
+        """At the start of the GAN phase (the baselines'): take the GAN another run trained as this one would
+        (True), or note that this run will leave its own (False)."""
+        def restore() -> bool:
+            if self.gan_cache_file is None:  # no pre-training: the key of the GAN's initial weights
+                self.gan_cache_file = (Path(self.cfg.run.gan_cache).expanduser()
+                                       / f"pretrained-{self.gan_cache_key()}.pt")
+            if not self.trained_gan_file().is_file():
+                return False
+            self.load_shared_gan(self.trained_gan_file(), phase.name)
+            self.gan_trained = "shared"
+            return True
+        return restore
+
+    def after_gan_training(self, phase: Phase):
+        """The end of the GAN phase: the phase's own ``on_end``, and the GAN left for other runs."""
+        then = phase.on_end
+
+        def done():
+            if then is not None:
+                then()
+            self.gan_trained = "trained"
+            if self.trained_gan_file() is None:  # resumed from a checkpoint that lost the key
+                print(f"{self.cfg.run.name}: the GAN's key was lost on an earlier resume; not shared", file=sys.stderr)
+                return
+            self.save_shared_gan(self.trained_gan_file(), phase.name, phase.iterations)
+        return done
+
+    def load_shared_gan(self, path: Path, phase_name: str) -> None:
+        """The GAN (and what its steps moved elsewhere) as another run left it at the end of ``phase_name``; the
+        engine's step and the phase's seconds advance as if this run had trained it."""
+        state = load_checkpoint(path, map_location=self.device)
+        for name, level in self.levels.items():
+            if name in GAN_LEVELS:
+                level.load_level_state(state["levels"][name])
+            elif name in state["ready"]:  # G's and H's steps marked themselves ready in the levels above them
+                level.ready = list(state["ready"][name])
+        if "meta" in self.levels:  # H's steps move its own statistics in a neck-form A
+            self.levels["meta"].module.load_state_dict(state["meta"])
+        self.engine.global_step += state["steps"]
+        self.trainer.phase_seconds[phase_name] = state["seconds"]
+
+    def save_shared_gan(self, path: Path, phase_name: str, steps: int) -> None:
+        """Leave the GAN at the end of ``phase_name`` (``steps`` iterations) where other runs find it."""
+        state = {"format": CHECKPOINT_FORMAT, "steps": steps,
+                 "seconds": self.trainer.phase_seconds.get(phase_name, 0.0),
                  "levels": {name: self.levels[name].level_state() for name in GAN_LEVELS},
                  "ready": {name: list(level.ready) for name, level in self.levels.items()},
                  "meta": self.levels["meta"].module.state_dict() if "meta" in self.levels else None}
-        self.gan_cache_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.gan_cache_file, lambda f: torch.save(state, f))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(state, f))
 
     # ----- evaluation and outputs --------------------------------------------------------------
     @torch.no_grad()
@@ -505,6 +553,7 @@ class Run:
             # the class distribution the reported classifier trained on (train.posthoc=logit_adjust's prior)
             "class_prior": [round(float(v), 5) for v in self.class_prior(final)],
             "gan_pretrained": (f"{self.gan_pretrained}: {self.gan_cache_file}" if self.gan_pretrained else None),
+            "gan_trained": (f"{self.gan_trained}: {self.trained_gan_file()}" if self.gan_trained else None),
             "derived_from": str(self.derived_from) if self.derived_from else None,
             # each level's statistics of its last epoch (mean over its steps), and what small levels learned
             "level_statistics": {name: {k: _rounded(v / rec["steps"].clamp(min=1)) for k, v in rec.items()

@@ -87,6 +87,35 @@ def test_runs_share_a_pretrained_gan_and_end_as_if_they_had_pretrained_it(tmp_pa
     assert json.loads((tmp_path / "shared" / "metrics.json").read_text())["gan_pretrained"] == shared["gan_pretrained"]
 
 
+@pytest.mark.parametrize("mode,pretrain_steps,meta", [("sequential", 4, "head"), ("separate", 0, "neck")])
+def test_runs_share_the_gan_phase_after_pretraining_and_end_as_if_they_had_trained_it(tmp_path, mode, pretrain_steps,
+                                                                                       meta):
+    """The baselines' GAN phase reads nothing W1's or W2's settings change: runs that differ in those share the
+    GAN at its end too (with or without pre-training before it; with the statistics H's steps keep in a neck-form
+    A), and a longer phase trains a GAN of its own."""
+    cache = f"run.gan_cache={tmp_path / 'cache'}"
+    gan = (f"train.mode={mode}", f"gan.gan_pretrain_steps={pretrain_steps}", f"model.meta={meta}")
+    first = finished(tmp_path, "first", *gan, cache)
+    shared = finished(tmp_path, "shared", *gan, cache, "train.lr=0.003")
+    alone = finished(tmp_path, "alone", *gan, "train.lr=0.003")
+    assert first["gan_trained"].startswith("trained: ") and shared["gan_trained"].startswith("shared: ")
+    assert first["gan_trained"].split(": ")[1] == shared["gan_trained"].split(": ")[1]
+    assert alone["gan_trained"] is None
+    assert outcome(shared) == outcome(alone) and outcome(shared) != outcome(first)
+    weights = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["levels"] for name in ("shared", "alone")]
+    for level in weights[0]:
+        for key, value in weights[0][level]["module"].items():
+            assert torch.equal(value, weights[1][level]["module"][key]), (level, key)
+    assert shared["phase_seconds"]["GAN"] == first["phase_seconds"]["GAN"]  # the time the GAN took, where it trained
+    logs = [list(csv.DictReader((tmp_path / name / "train_log.csv").open())) for name in ("shared", "alone")]
+    assert [(r["phase"], r["global_step"]) for r in logs[0]] == [(r["phase"], r["global_step"]) for r in logs[1]]
+    longer = finished(tmp_path, "longer", *gan, cache, "train.epochs=2")
+    assert longer["gan_trained"].startswith("trained: ")
+    assert len(list((tmp_path / "cache").glob("trained-*.pt"))) == 2
+    if pretrain_steps:  # the pre-training a longer GAN phase starts from is the same
+        assert longer["gan_pretrained"].startswith("shared: ")
+
+
 def test_a_run_stopped_during_pretraining_leaves_its_gan_for_others_when_resumed(tmp_path):
     cache = f"run.gan_cache={tmp_path / 'cache'}"
     cfg = tiny_config(*SHORT, "train.mode=end2end", cache, f"run.out_dir={tmp_path}", "run.name=stopped")

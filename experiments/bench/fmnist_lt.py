@@ -38,7 +38,7 @@ Each table gives mean ± std over seeds of the last epoch's test top-1 and Many/
 across seeds (scipy's ttest_rel, two-sided) against vanilla and against the best non-generating configuration
 (the one with the highest mean top-1); then, for if100 and if20, per class: real images, W2's generated weight
 and its change in test accuracy against vanilla (with the first seed's generators' GAN-train per class when the gan
-part ran, and ``alloc_discount``'s factors where a row has them), and Spearman's rank correlations between them; for fullsize the same per class against the generating
+part ran, ``alloc_discount``'s factors and ``gen_filter``'s acceptance where a row has them), and Spearman's rank correlations between them; for fullsize the same per class against the generating
 row's W1 (the plain classifier on the same real data), for each row of the pair. Every hyper-parameter was fixed before any of these runs (README).
 Prints the tables and writes them to ``<out_dir>/fmnist_lt_protocol.md``.
 """
@@ -253,6 +253,11 @@ def per_class_table(baseline: dict[int, list[float]], baseline_label: str, compa
                 header.append(f"{label}: discount factor")
                 columns.append(("{:.2f}", factor))
                 against["discount factor"] = factor
+            if "generated_acceptance" in runs[common[0]]:  # train.gen_filter: first draws W1 read as their class
+                accepted = np.mean([runs[s]["generated_acceptance"] for s in common], axis=0)
+                header.append(f"{label}: W1 accepted %")
+                columns.append(("{:.0f}", 100 * accepted))
+                against["W1's acceptance"] = accepted
         else:
             header.append(f"{label} − {baseline_label} (pp, {len(common)} seeds)")
             columns.append(("{:+.1f}", change))
@@ -272,7 +277,8 @@ def per_class_table(baseline: dict[int, list[float]], baseline_label: str, compa
 
 def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
     """Per class against vanilla: end2end, sequential (with the discounted allocation) and sequential_real; then
-    the fine-tuned W2 with generated images (and with the discounted split) against the same fine-tuning without
+    the fine-tuned W2 with generated images (and with the discounted split, and the set W1 filtered) against the
+    same fine-tuning without
     them, whose generator is the 20,000-step one the gan part measures (``per_class_table``)."""
     from experiments.variants import parse_variants
 
@@ -280,7 +286,8 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
     for baseline_label, compared_labels, generator in (
             ("vanilla", "end2end,sequential,sequential:alloc_discount=gan_train,sequential_real", None),
             (FINE_TUNED_WITHOUT_GENERATED,
-             f"{FINE_TUNED_WITH_GENERATED},{FINE_TUNED_WITH_GENERATED}+alloc_discount=gan_train",
+             f"{FINE_TUNED_WITH_GENERATED},{FINE_TUNED_WITH_GENERATED}+alloc_discount=gan_train,"
+             f"{FINE_TUNED_WITH_GENERATED}+gen_filter=w1_agrees",
              "sequential:gan_pretrain_steps=20000")):
         baseline = finished_runs(root, parse_variants(baseline_label)[0].folder, seeds)
         compared = {v.label: finished_runs(root, v.folder, seeds) for v in parse_variants(compared_labels)}
