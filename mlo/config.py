@@ -309,7 +309,8 @@ class RunConfig:
                                           "pre-training another run already did with the same settings (the same "
                                           "data, models, GAN, seed, mode and threads; whatever only acts after "
                                           "pre-training may differ) starts from its result, and a run that pre-trains "
-                                          "leaves its result there. needsgen compare sets it to "
+                                          "leaves its result there; the same for the GAN phase after "
+                                          "pre-training of sequential and separate. needsgen compare sets it to "
                                           "<comparison>/gan_cache. null: every run pre-trains its own")
     channels_last: bool = setting(False, "keep images, activations and convolution weights in channels-last (NHWC) "
                                          "memory: faster convolutions on GPUs with tensor cores, with bf16/fp16")
