@@ -30,7 +30,7 @@ def build_phases(run) -> list[Phase]:
     make = {
         "gan_pretrain": lambda: Phase("GAN pre-training", pretrain, leaves=["disc"], unroll={"disc": 1},
                                       on_end=lambda: drop_lent_gradients(run)) if pretrain else None,
-        "gan": lambda: Phase("GAN", total, leaves=["disc"]),
+        "gan": lambda: Phase("GAN", total, leaves=["disc"], on_end=lambda: drop_lent_gradients(run)),
         "joint": lambda: Phase(mode.name, total, leaves=training_leaves, epoch_length=epoch),
         "w1": lambda: Phase("W1", total, leaves=["w1"], epoch_length=epoch),
         "crt": lambda: Phase("cRT", cfg.train.crt_epochs * epoch, leaves=["crt"], epoch_length=epoch),
@@ -43,8 +43,9 @@ def build_phases(run) -> list[Phase]:
 
 
 def drop_lent_gradients(run) -> None:
-    """After GAN pre-training: a tied encoder's owner (W1) did not step, so the gradients H lent it over the
-    pre-training would all land in its first step; pre-training leaves the shared encoder as it was."""
+    """After a GAN phase (pre-training, or the baselines' GAN phase): a tied encoder's owner (W1) did not step, so
+    the gradients H lent it over the phase would all land in its first step; the phase leaves the shared encoder as
+    it was (and a run that reads the phase's GAN from run.gan_cache ends as one that trained it)."""
     for level in run.levels.values():
         level.lent.clear()
 
@@ -57,8 +58,9 @@ def renamed_stream(state: dict, old: str, new: str) -> dict:
 @torch.no_grad()
 def pregenerate(run, spare_pool: bool = False) -> None:
     """Sequential mode: p(s) frozen from W1's loss on the whole validation set, the budget M of
-    images drawn once from the generator's moving average (with ``spare_pool``: real images of the pool that
-    no split uses, as a perfect generator would give), installed as W2's generated set (and, with
+    images drawn once from the generator's moving average (with ``train.gen_filter=w1_agrees``, those W1 reads as
+    their class; with ``spare_pool``: real images of the pool that no split uses, as a perfect generator would
+    give), installed as W2's generated set (and, with
     ``train.w2_init=w1``, W2 started from W1's weights). Deterministic, so a run resumed inside W2's phase
     rebuilds the same set."""
     ctx, data, device = run.ctx, run.data, run.device
@@ -71,7 +73,7 @@ def pregenerate(run, spare_pool: bool = False) -> None:
     stats.train_counts = torch.as_tensor(data.train_counts, dtype=torch.float, device=device)
     p = ctx.allocator(stats)
     ema, tau = (None, None) if spare_pool else (run.levels["gen"].ema.module.eval(), run.cfg.gan.truncation)
-    quality = None
+    quality, acceptance = None, None
     if run.cfg.train.alloc_discount == "gan_train":
         right, total = generator_quality(run, ema, tau)
         p, quality = discount_by_quality(p, right, total), success_rate(right, total)
@@ -89,9 +91,8 @@ def pregenerate(run, spare_pool: bool = False) -> None:
             return to_uint8(torch.cat([ema(latents(len(c)), c) for c in labels.split(GENERATION_CHUNK)]))
 
         images = draw(classes)
-    acceptance = None
-    if run.cfg.train.gen_filter == "w1_agrees":
-        images, classes, acceptance = keep_what_w1_recognises(w1, images, classes, draw, data.num_classes)
+        if run.cfg.train.gen_filter == "w1_agrees":
+            images, classes, acceptance = keep_what_w1_recognises(w1, images, classes, draw, data.num_classes)
     w2.set_generated(images, classes, seed=ctx.seed("sequential generated order"))
     run.pregenerated = {"generated": torch.bincount(classes, minlength=data.num_classes).float(), "allocation": p}
     if quality is not None:
@@ -104,10 +105,10 @@ def pregenerate(run, spare_pool: bool = False) -> None:
 def keep_what_w1_recognises(w1, images: torch.Tensor, classes: torch.Tensor, draw, num_classes: int):
     """``train.gen_filter=w1_agrees``: the generated images W1 classifies as the class each was drawn for. A
     rejected image is drawn again (``draw``: new latents, the same classes) up to ``FILTER_DRAWS`` times in all,
-    then left out. Also, per class, the share of first draws W1 accepted (its GAN-test on this set)."""
+    then left out. Also, per class, the share of first draws W1 accepted (its GAN-test on this set). A set W1
+    rejects whole is refused: W2 would have nothing to learn from it."""
     def agrees(x, y):
-        logits, _ = predict(w1, make_loader("sequential", x, y.cpu().numpy(), GENERATION_CHUNK, device=classes.device))
-        return logits.argmax(1).to(classes.device) == y
+        return torch.from_numpy(per_class_accuracy(w1, x, y.cpu().numpy(), y.device)[1]).to(y.device)
 
     accepted = agrees(images, classes)
     acceptance = (torch.bincount(classes[accepted], minlength=num_classes).float()
@@ -118,6 +119,9 @@ def keep_what_w1_recognises(w1, images: torch.Tensor, classes: torch.Tensor, dra
             break
         images[rejected] = draw(classes[rejected])
         accepted[rejected] = agrees(images[rejected], classes[rejected])
+    if not accepted.any():
+        raise DataError(f"train.gen_filter=w1_agrees: W1 read none of the {len(classes)} generated images as its class "
+                        f"in {FILTER_DRAWS} draws each, so W2 would learn from no generated image; drop the filter")
     return images[accepted], classes[accepted], acceptance
 
 

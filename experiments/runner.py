@@ -464,8 +464,9 @@ class Run:
         return done
 
     def trained_gan_file(self) -> Path | None:
-        """Where the GAN phase's GAN is shared: the pre-training's key (what determined the GAN so far) and the
-        phase's length, the one setting acting after pre-training that reaches the GAN."""
+        """Where the GAN phase's GAN is shared: the pre-training's key (what determined the GAN so far; the phase
+        starts where pre-training ends) and the phase's length, the one setting acting after pre-training that
+        reaches the GAN. None without a key (a run resumed from a checkpoint that has none)."""
         phase = next((p for p in self.trainer.phases if p.name == GAN_TRAINING), None)
         if self.gan_cache_file is None or phase is None:
             return None
@@ -476,12 +477,13 @@ class Run:
         """At the start of the GAN phase (the baselines'): take the GAN another run trained as this one would
         (True), or note that this run will leave its own (False)."""
         def restore() -> bool:
-            if self.gan_cache_file is None:  # no pre-training: the key of the GAN's initial weights
-                self.gan_cache_file = (Path(self.cfg.run.gan_cache).expanduser()
+            if not any(p.name == PRETRAINING for p in self.trainer.phases):  # the key of the GAN's initial weights,
+                self.gan_cache_file = (Path(self.cfg.run.gan_cache).expanduser()  # as pre-training would take it
                                        / f"pretrained-{self.gan_cache_key()}.pt")
-            if not self.trained_gan_file().is_file():
+            shared = self.trained_gan_file()
+            if shared is None or not shared.is_file():
                 return False
-            self.load_shared_gan(self.trained_gan_file(), phase.name)
+            self.load_shared_gan(shared, phase.name)
             self.gan_trained = "shared"
             return True
         return restore
@@ -494,10 +496,12 @@ class Run:
             if then is not None:
                 then()
             self.gan_trained = "trained"
-            if self.trained_gan_file() is None:  # resumed from a checkpoint that lost the key
-                print(f"{self.cfg.run.name}: the GAN's key was lost on an earlier resume; not shared", file=sys.stderr)
+            shared = self.trained_gan_file()
+            if shared is None:
+                print(f"{self.cfg.run.name}: the checkpoint this run resumed from holds no key of its GAN; its GAN "
+                      f"phase is not shared", file=sys.stderr)
                 return
-            self.save_shared_gan(self.trained_gan_file(), phase.name, phase.iterations)
+            self.save_shared_gan(shared, phase.name, phase.iterations)
         return done
 
     def load_shared_gan(self, path: Path, phase_name: str) -> None:
@@ -553,7 +557,8 @@ class Run:
             # the class distribution the reported classifier trained on (train.posthoc=logit_adjust's prior)
             "class_prior": [round(float(v), 5) for v in self.class_prior(final)],
             "gan_pretrained": (f"{self.gan_pretrained}: {self.gan_cache_file}" if self.gan_pretrained else None),
-            "gan_trained": (f"{self.gan_trained}: {self.trained_gan_file()}" if self.gan_trained else None),
+            "gan_trained": (f"{self.gan_trained}: {self.trained_gan_file()}" if self.gan_trained and
+                            self.trained_gan_file() else self.gan_trained),
             "derived_from": str(self.derived_from) if self.derived_from else None,
             # each level's statistics of its last epoch (mean over its steps), and what small levels learned
             "level_statistics": {name: {k: _rounded(v / rec["steps"].clamp(min=1)) for k, v in rec.items()

@@ -307,8 +307,8 @@ class RunConfig:
                                        "scalars in RUN_DIR/tensorboard (needs the tensorboard package)")
     gan_cache: str | None = setting(None, "folder of pre-trained GANs shared between runs: a run whose GAN "
                                           "pre-training another run already did with the same settings (the same "
-                                          "data, models, GAN, seed, mode and threads; whatever only acts after "
-                                          "pre-training may differ) starts from its result, and a run that pre-trains "
+                                          "data, models, GAN, seed and mode, whatever thread count or device; "
+                                          "whatever only acts after pre-training may differ) starts from its result, and a run that pre-trains "
                                           "leaves its result there; the same for the GAN phase after "
                                           "pre-training of sequential and separate. needsgen compare sets it to "
                                           "<comparison>/gan_cache. null: every run pre-trains its own")

@@ -87,14 +87,17 @@ def test_runs_share_a_pretrained_gan_and_end_as_if_they_had_pretrained_it(tmp_pa
     assert json.loads((tmp_path / "shared" / "metrics.json").read_text())["gan_pretrained"] == shared["gan_pretrained"]
 
 
-@pytest.mark.parametrize("mode,pretrain_steps,meta", [("sequential", 4, "head"), ("separate", 0, "neck")])
+@pytest.mark.parametrize("mode,pretrain_steps,model", [
+    ("sequential", 4, ("model.meta=head",)), ("separate", 0, ("model.meta=neck",)),
+    ("separate", 4, ("model.meta=head", "model.tie_encoders=true"))])
 def test_runs_share_the_gan_phase_after_pretraining_and_end_as_if_they_had_trained_it(tmp_path, mode, pretrain_steps,
-                                                                                       meta):
+                                                                                       model):
     """The baselines' GAN phase reads nothing W1's or W2's settings change: runs that differ in those share the
     GAN at its end too (with or without pre-training before it; with the statistics H's steps keep in a neck-form
-    A), and a longer phase trains a GAN of its own."""
+    A; with an encoder H shares with W1, which then takes none of the gradients H lent it over the phase), and a
+    longer phase trains a GAN of its own."""
     cache = f"run.gan_cache={tmp_path / 'cache'}"
-    gan = (f"train.mode={mode}", f"gan.gan_pretrain_steps={pretrain_steps}", f"model.meta={meta}")
+    gan = (f"train.mode={mode}", f"gan.gan_pretrain_steps={pretrain_steps}", *model)
     first = finished(tmp_path, "first", *gan, cache)
     shared = finished(tmp_path, "shared", *gan, cache, "train.lr=0.003")
     alone = finished(tmp_path, "alone", *gan, "train.lr=0.003")

@@ -278,8 +278,8 @@ def per_class_table(baseline: dict[int, list[float]], baseline_label: str, compa
 def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] | None) -> str:
     """Per class against vanilla: end2end, sequential (with the discounted allocation) and sequential_real; then
     the fine-tuned W2 with generated images (and with the discounted split, and the set W1 filtered) against the
-    same fine-tuning without
-    them, whose generator is the 20,000-step one the gan part measures (``per_class_table``)."""
+    same fine-tuning without them, whose generator is the 20,000-step one the gan part measures
+    (``per_class_table``)."""
     from experiments.variants import parse_variants
 
     tables = []
