@@ -443,7 +443,7 @@ class Run:
     def restore_pretrained_gan(self) -> bool:
         """At the start of pre-training: take a GAN another run pre-trained with the same settings (True),
         or note where this run will leave its own (False)."""
-        self.gan_cache_file = Path(self.cfg.run.gan_cache).expanduser() / f"pretrained-{self.gan_cache_key()}.pt"
+        self.gan_cache_file = self.pretrained_gan_file()
         if not self.gan_cache_file.is_file():
             return False
         self.load_shared_gan(self.gan_cache_file, PRETRAINING)
@@ -463,6 +463,10 @@ class Run:
             self.save_shared_gan(self.gan_cache_file, PRETRAINING, self.cfg.gan.gan_pretrain_steps)
         return done
 
+    def pretrained_gan_file(self) -> Path:
+        """Where a GAN pre-trained with this run's settings is shared (its key taken now, as pre-training starts)."""
+        return Path(self.cfg.run.gan_cache).expanduser() / f"pretrained-{self.gan_cache_key()}.pt"
+
     def trained_gan_file(self) -> Path | None:
         """Where the GAN phase's GAN is shared: the pre-training's key (what determined the GAN so far; the phase
         starts where pre-training ends) and the phase's length, the one setting acting after pre-training that
@@ -478,8 +482,7 @@ class Run:
         (True), or note that this run will leave its own (False)."""
         def restore() -> bool:
             if not any(p.name == PRETRAINING for p in self.trainer.phases):  # the key of the GAN's initial weights,
-                self.gan_cache_file = (Path(self.cfg.run.gan_cache).expanduser()  # as pre-training would take it
-                                       / f"pretrained-{self.gan_cache_key()}.pt")
+                self.gan_cache_file = self.pretrained_gan_file()                 # as pre-training would take it
             shared = self.trained_gan_file()
             if shared is None or not shared.is_file():
                 return False
