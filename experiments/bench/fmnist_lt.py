@@ -22,7 +22,7 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   with the literal squared budget and with the score-function budget), A's extensions against
   over-fitting the validation set (weight decay 5e-4, validation plus class-balanced training batches) in
   vanilla_meta and end2end, and the perfect-generator bound ``sequential_real`` (alone, with cRT, with
-  balanced softmax: not counted as generating);
+  balanced softmax, and as the fine-tuned W2 with ``class_prior=real``: not counted as generating);
 - ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the perfect-generator rows;
 - ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100, IF 20 and full size, those
   that have run (overall, per class, on held-out pool images; images at the run's latent truncation), FID and
@@ -75,7 +75,13 @@ EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla
               "end2end:meta_data=val_and_train")
 # not configurations to choose: sequential with real images in place of generated ones bounds what a generator
 # could add at sequential's budget (compared with sequential and with the best non-generating row)
-PERFECT_GENERATOR = ("sequential_real", "sequential_real:posthoc=crt", "sequential_real:loss=balanced_softmax")
+FINE_TUNED_WITH_REAL = "sequential_real:loss=balanced_softmax+class_prior=real+w2_init=w1"
+PERFECT_GENERATOR = ("sequential_real", "sequential_real:posthoc=crt", "sequential_real:loss=balanced_softmax",
+                     FINE_TUNED_WITH_REAL)
+# each perfect-generator row against the generating row it stands in for (the same split, budget, loss and W2)
+STANDS_IN_FOR = {"sequential_real": "sequential", "sequential_real:posthoc=crt": "sequential:posthoc=crt",
+                 "sequential_real:loss=balanced_softmax": "sequential:loss=balanced_softmax",
+                 FINE_TUNED_WITH_REAL: FINE_TUNED_WITH_GENERATED}
 VARIANTS = {"if100": NON_GENERATING + GENERATING + EXTENSIONS + PERFECT_GENERATOR,
             "if20": NON_GENERATING + GENERATING + EXTENSIONS}
 FOLDERS = {"if100": "fmnist_if100", "if20": "fmnist_if20", "fullsize": "fmnist_if100_full"}
@@ -188,8 +194,8 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
     """The best generating row against the best non-generating one, and end2end against sequential."""
     lines = []
     gen = best_of(generating, top1)
-    best = best_non_generating(top1)
-    for non, what in ((best, "non-generating"), (best_of(CHEAP, top1), "cheap baseline")):
+    best, cheap = best_non_generating(top1), best_of(CHEAP, top1)
+    for non, what in ((best, "non-generating"), (cheap, "cheap baseline")):
         if gen and non and not (what == "cheap baseline" and non == best):
             t = paired_on_common_seeds(top1[gen], top1[non])
             lines.append(f"Best generating `{gen}` {100 * np.mean(list(top1[gen].values())):.2f} against best "
@@ -211,10 +217,11 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
             if t["n"]:
                 lines.append(f"`{option}` − `{base}` (`{change}` alone): {t['mean_diff_pp']:+.2f} points on "
                              f"{t['n']} common seeds (p = {_p(t)}).")
-    for suffix in ("", ":posthoc=crt", ":loss=balanced_softmax"):
-        real = f"sequential_real{suffix}"
-        for other, what in ((f"sequential{suffix}", "real images in place of generated ones, the same budget"),
-                            (non, "a perfect generator against the best non-generating row")):
+    for real, generated in STANDS_IN_FOR.items():
+        against = {generated: "real images in place of generated ones, the same budget",
+                   best: "a perfect generator against the best non-generating row",
+                   cheap: "a perfect generator against the best cheap baseline"}  # cheap may be the best
+        for other, what in against.items():
             if other and top1.get(real) and top1.get(other):
                 t = paired_on_common_seeds(top1[real], top1[other])
                 if t["n"]:
@@ -287,7 +294,7 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
             ("vanilla", "end2end,sequential,sequential:alloc_discount=gan_train,sequential_real", None),
             (FINE_TUNED_WITHOUT_GENERATED,
              f"{FINE_TUNED_WITH_GENERATED},{FINE_TUNED_WITH_GENERATED}+alloc_discount=gan_train,"
-             f"{FINE_TUNED_WITH_GENERATED}+gen_filter=w1_agrees",
+             f"{FINE_TUNED_WITH_GENERATED}+gen_filter=w1_agrees,{FINE_TUNED_WITH_REAL}",
              "sequential:gan_pretrain_steps=20000")):
         baseline = finished_runs(root, parse_variants(baseline_label)[0].folder, seeds)
         compared = {v.label: finished_runs(root, v.folder, seeds) for v in parse_variants(compared_labels)}
