@@ -18,11 +18,12 @@ pre-trained GAN: rerunning the command continues where it stopped, and once ever
   with cRT); sequential with the generator pre-trained 20,000 steps instead of 10,000 (alone, with cRT, with logit adjustment and
   with balanced softmax, the last two also with ``class_prior=real``: corrected for the real counts alone; and that
   last one with W2 fine-tuning W1, ``w2_init=w1``, beside the same fine-tuning without generated images, and with
-  the discounted split, and with its set filtered by W1, ``gen_filter=w1_agrees``); end2end
+  the discounted split, and with its set filtered by W1, ``gen_filter=w1_agrees``, also under the default prior
+  of real plus generated counts); end2end
   with the literal squared budget and with the score-function budget), A's extensions against
   over-fitting the validation set (weight decay 5e-4, validation plus class-balanced training batches) in
   vanilla_meta and end2end, and the perfect-generator bound ``sequential_real`` (alone, with cRT, with
-  balanced softmax, and as the fine-tuned W2 with ``class_prior=real``: not counted as generating);
+  balanced softmax, and as the fine-tuned W2 with either prior: not counted as generating);
 - ``if20``: imbalance factor 20 (folder ``fmnist_if20``): the same without the perfect-generator rows;
 - ``gan``: GAN-train of the first seed's end2end and sequential generators at IF 100, IF 20 and full size, those
   that have run (overall, per class, on held-out pool images; images at the run's latent truncation), FID and
@@ -57,6 +58,9 @@ PARTS = ("if100", "if20", "gan", "fullsize")
 # control that tells a fine-tuned W2's gain from its generated images' (its GAN is trained but unused)
 FINE_TUNED_WITH_GENERATED = "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real+w2_init=w1"
 FINE_TUNED_WITHOUT_GENERATED = "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+w2_init=w1+lambda_gen=0"
+# the filtered set under the default prior (real plus generated counts): images W1 reads as their class counted as
+# a shift of the class distribution, as real extra images are
+FILTERED_TRAINED_ON_PRIOR = "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+w2_init=w1+gen_filter=w1_agrees"
 CHEAP = ("vanilla", "vanilla:posthoc=logit_adjust", "vanilla:posthoc=crt", "vanilla:loss=balanced_softmax",
          "vanilla:loss=ldam_drw", "vanilla_meta")  # the non-generating baselines: one classifier, one training
 NON_GENERATING = CHEAP + (FINE_TUNED_WITHOUT_GENERATED,)
@@ -69,19 +73,21 @@ GENERATING = ("end2end", "end2end:posthoc=logit_adjust", "end2end:posthoc=crt", 
               "sequential:gan_pretrain_steps=20000+loss=balanced_softmax",
               "sequential:gan_pretrain_steps=20000+loss=balanced_softmax+class_prior=real", FINE_TUNED_WITH_GENERATED,
               FINE_TUNED_WITH_GENERATED + "+alloc_discount=gan_train",
-              FINE_TUNED_WITH_GENERATED + "+gen_filter=w1_agrees")
+              FINE_TUNED_WITH_GENERATED + "+gen_filter=w1_agrees", FILTERED_TRAINED_ON_PRIOR)
 EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla_meta:meta_weight_decay=0.0005",
               "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
               "end2end:meta_data=val_and_train")
 # not configurations to choose: sequential with real images in place of generated ones bounds what a generator
 # could add at sequential's budget (compared with sequential and with the best non-generating row)
 FINE_TUNED_WITH_REAL = "sequential_real:loss=balanced_softmax+class_prior=real+w2_init=w1"
+FINE_TUNED_WITH_REAL_TRAINED_ON_PRIOR = "sequential_real:loss=balanced_softmax+w2_init=w1"
 PERFECT_GENERATOR = ("sequential_real", "sequential_real:posthoc=crt", "sequential_real:loss=balanced_softmax",
-                     FINE_TUNED_WITH_REAL)
+                     FINE_TUNED_WITH_REAL, FINE_TUNED_WITH_REAL_TRAINED_ON_PRIOR)
 # each perfect-generator row against the generating row it stands in for (the same split, budget, loss and W2)
 STANDS_IN_FOR = {"sequential_real": "sequential", "sequential_real:posthoc=crt": "sequential:posthoc=crt",
                  "sequential_real:loss=balanced_softmax": "sequential:loss=balanced_softmax",
-                 FINE_TUNED_WITH_REAL: FINE_TUNED_WITH_GENERATED}
+                 FINE_TUNED_WITH_REAL: FINE_TUNED_WITH_GENERATED,
+                 FINE_TUNED_WITH_REAL_TRAINED_ON_PRIOR: FILTERED_TRAINED_ON_PRIOR}  # its budget refilled by redraws
 VARIANTS = {"if100": NON_GENERATING + GENERATING + EXTENSIONS + PERFECT_GENERATOR,
             "if20": NON_GENERATING + GENERATING + EXTENSIONS}
 FOLDERS = {"if100": "fmnist_if100", "if20": "fmnist_if20", "fullsize": "fmnist_if100_full"}
@@ -294,7 +300,8 @@ def per_class_analysis(root: Path, seeds: list[int], gan_train: dict[str, dict] 
             ("vanilla", "end2end,sequential,sequential:alloc_discount=gan_train,sequential_real", None),
             (FINE_TUNED_WITHOUT_GENERATED,
              f"{FINE_TUNED_WITH_GENERATED},{FINE_TUNED_WITH_GENERATED}+alloc_discount=gan_train,"
-             f"{FINE_TUNED_WITH_GENERATED}+gen_filter=w1_agrees,{FINE_TUNED_WITH_REAL}",
+             f"{FINE_TUNED_WITH_GENERATED}+gen_filter=w1_agrees,{FILTERED_TRAINED_ON_PRIOR},{FINE_TUNED_WITH_REAL},"
+             f"{FINE_TUNED_WITH_REAL_TRAINED_ON_PRIOR}",
              "sequential:gan_pretrain_steps=20000")):
         baseline = finished_runs(root, parse_variants(baseline_label)[0].folder, seeds)
         compared = {v.label: finished_runs(root, v.folder, seeds) for v in parse_variants(compared_labels)}
