@@ -78,7 +78,8 @@ EXTENSIONS = ("end2end:gen_budget=squared", "end2end:gen_budget=score", "vanilla
               "vanilla_meta:meta_data=val_and_train", "end2end:meta_weight_decay=0.0005",
               "end2end:meta_data=val_and_train")
 # not configurations to choose: sequential with real images in place of generated ones bounds what a generator
-# could add at sequential's budget (compared with sequential and with the best non-generating row)
+# could add at sequential's budget (compared with the row each stands in for, the best non-generating row and the
+# best cheap baseline)
 FINE_TUNED_WITH_REAL = "sequential_real:loss=balanced_softmax+class_prior=real+w2_init=w1"
 FINE_TUNED_WITH_REAL_TRAINED_ON_PRIOR = "sequential_real:loss=balanced_softmax+w2_init=w1"
 PERFECT_GENERATOR = ("sequential_real", "sequential_real:posthoc=crt", "sequential_real:loss=balanced_softmax",
