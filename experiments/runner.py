@@ -560,8 +560,8 @@ class Run:
             # the class distribution the reported classifier trained on (train.posthoc=logit_adjust's prior)
             "class_prior": [round(float(v), 5) for v in self.class_prior(final)],
             "gan_pretrained": (f"{self.gan_pretrained}: {self.gan_cache_file}" if self.gan_pretrained else None),
-            "gan_trained": (f"{self.gan_trained}: {self.trained_gan_file()}" if self.gan_trained and
-                            self.trained_gan_file() else self.gan_trained),
+            "gan_trained": (f"{self.gan_trained}: {gan_file}"
+                            if self.gan_trained and (gan_file := self.trained_gan_file()) else self.gan_trained),
             "derived_from": str(self.derived_from) if self.derived_from else None,
             # each level's statistics of its last epoch (mean over its steps), and what small levels learned
             "level_statistics": {name: {k: _rounded(v / rec["steps"].clamp(min=1)) for k, v in rec.items()
