@@ -227,7 +227,7 @@ def verdict(top1: dict[str, dict[int, float]], generating=GENERATING) -> str:
     for real, generated in STANDS_IN_FOR.items():
         against = {generated: "real images in place of generated ones, the same budget",
                    best: "a perfect generator against the best non-generating row",
-                   cheap: "a perfect generator against the best cheap baseline"}  # cheap may be the best
+                   cheap: "a perfect generator against the best cheap baseline"}  # one entry if cheap is best
         for other, what in against.items():
             if other and top1.get(real) and top1.get(other):
                 t = paired_on_common_seeds(top1[real], top1[other])
